@@ -1,0 +1,243 @@
+"""Training code of the tiny toy models (``fiberbench train-toy``).
+
+Everything trains on *fresh renders every step* from :func:`sample_factors`
+with seeds that never overlap the evaluation seeds (training uses seeds
+``>= 10**6``; evaluation and tests use small seeds), so every metric in a card
+is measured on images the model has never seen.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import models as M
+from .world import DISCRETE, FACTORS, factor_index, render, sample_factors
+
+TRAIN_SEED_BASE = 10 ** 6
+
+
+def _env() -> dict[str, Any]:
+    import diffusers
+    import timm
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(), "device": "cpu"}
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (what keeps the priors' classes balanced)."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up of the decay, as in diffusers' EMAModel
+        for e, p in zip(self.shadow.parameters(), module.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.shadow.buffers(), module.buffers()):
+            e.copy_(b)
+
+
+def world_batch(n: int, seed: int, bias: dict | None = None):
+    """``(images [n,3,32,32] in [0,1], factors DataFrame)`` from training seed ``seed``."""
+    f = sample_factors(n, TRAIN_SEED_BASE + seed, bias=bias)
+    return render(f), f
+
+
+def _lr_at(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup)
+
+
+# --------------------------------------------------------------------------- priors
+
+def prior_card(kind: str) -> dict[str, Any]:
+    """A fresh card for ``prior-fm`` (flow matching) or ``prior-ddpm`` (DDPM, eps-prediction)."""
+    base = {
+        "architecture": {"library": "diffusers", "class": "UNet2DModel", "config": M.unet_config()},
+        "data_range": [-1.0, 1.0],
+    }
+    if kind == "fm":
+        base.update(name="prior-fm", spec="toy/prior-fm", kind="flow",
+                    description="Rectified-flow prior of the shapes world (velocity v = noise - x0, "
+                                "x_t = (1 - sigma) x0 + sigma noise, timestep = 1000 sigma)",
+                    scheduler={"class": "FlowMatchEulerDiscreteScheduler",
+                               "config": {"num_train_timesteps": 1000, "shift": 1.0}},
+                    prediction_type="flow")
+    elif kind == "ddpm":
+        base.update(name="prior-ddpm", spec="toy/prior-ddpm", kind="diffusion",
+                    description="DDPM prior of the shapes world (epsilon prediction, cosine schedule)",
+                    scheduler={"class": "DDPMScheduler",
+                               "config": {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                                          "prediction_type": "epsilon", "clip_sample": True,
+                                          "clip_sample_range": 1.0}},
+                    prediction_type="epsilon")
+    else:
+        raise ValueError(f"unknown prior kind {kind!r}; use 'fm' or 'ddpm'")
+    return base
+
+
+def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | None = None, batch: int = 64,
+                lr: float = 2e-3, warmup: int = 200, ema_decay: float = 0.999, seed: int = 0,
+                save_every: int = 500, bf16: bool = True, root: Path | None = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Train a toy prior; save EMA weights + card every ``save_every`` steps and at the end.
+
+    ``bf16`` runs forward/backward under CPU bf16 autocast (fp32 master and
+    EMA weights): 1.7x faster per step on this machine's AVX512-BF16 cores.
+
+    Returns the card (training section filled; metrics are added by evaluation).
+    """
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    card = prior_card(kind)
+    name = card["name"]
+    net = M.build_unet(card["architecture"]["config"])
+    ema = EMA(net, ema_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    ddpm = DDPMScheduler(**card["scheduler"]["config"]) if kind == "ddpm" else None
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    step, losses = 0, []
+
+    def save(final: bool):
+        card["training"] = {
+            "objective": "flow matching (velocity MSE)" if kind == "fm" else "DDPM epsilon MSE",
+            "batch": batch, "optimizer": "AdamW", "lr": lr, "warmup_steps": warmup, "grad_clip": 1.0,
+            "ema_decay": ema_decay, "autocast": "bf16" if bf16 else None, "steps": step, "seed": seed,
+            "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-200:])) if losses else None,
+            "data": f"fresh renders every step: sample_factors(batch, {TRAIN_SEED_BASE} + step), "
+                    f"{step * batch} images in all",
+            "env": _env(), "finished": final,
+        }
+        card["parameters"] = M.count_params(net)
+        M.save_weights(name, ema.shadow, root)
+        M.write_card(name, card, root)
+
+    while True:
+        if max_steps is not None and step >= max_steps:
+            break
+        if max_steps is None and time.time() - t0 > minutes * 60:
+            break
+        x0, _ = world_batch(batch, step)
+        x0 = x0 * 2 - 1
+        noise = torch.randn(x0.shape, generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if kind == "fm":
+                sigma = torch.rand(batch, generator=gen)
+                xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+                target = noise - x0
+                pred = net(xt, sigma * 1000).sample
+            else:
+                t = torch.randint(0, ddpm.config.num_train_timesteps, (batch,), generator=gen)
+                xt = ddpm.add_noise(x0, noise, t)
+                target = noise
+                pred = net(xt, t).sample
+        loss = F.mse_loss(pred.float(), target)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        ema.update(net, step)
+        losses.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            log(f"[{name}] step {step} loss {np.mean(losses[-100:]):.4f} {time.time() - t0:.0f}s")
+        if step % save_every == 0:
+            save(False)
+    save(True)
+    return card
+
+
+# --------------------------------------------------------------------------- classifiers
+
+def _augment(f, factor_names: list[str], seed: int):
+    """Resample the listed factors of a factor table (augmentation = intervention on nuisance factors)."""
+    rng = np.random.default_rng(seed)
+    f = f.copy()
+    for name in factor_names:
+        allowed = FACTORS[name]
+        if isinstance(allowed, list):
+            f[name] = [allowed[i] for i in rng.integers(0, len(allowed), len(f))]
+        else:
+            f[name] = rng.uniform(allowed[0], allowed[1], len(f))
+    f["mirror"] = f["mirror"].astype(bool)
+    return f
+
+
+CLASSIFIERS: dict[str, dict[str, Any]] = {
+    "shape-resnet": {"target": "shape", "arch": "resnet",
+                     "augment": ["color", "background", "mirror"],
+                     "description": "timm ResNet shape classifier; colour, background and mirror are "
+                                    "resampled every step, so it is invariant to them by construction"},
+    "color-vit": {"target": "color", "arch": "vit",
+                  "augment": ["shape", "x", "y", "mirror"],
+                  "description": "timm ViT (4x4 patches) colour classifier; shape, position and mirror "
+                                 "are resampled every step, so it is invariant to them by construction"},
+}
+
+
+def classifier_card(name: str) -> dict[str, Any]:
+    spec = CLASSIFIERS[name]
+    n_cls = len(FACTORS[spec["target"]])
+    cfg = M.resnet_config(n_cls) if spec["arch"] == "resnet" else M.vit_config(n_cls)
+    return {
+        "name": name, "spec": f"toy/{name}", "kind": "classifier", "description": spec["description"],
+        "architecture": {"library": "timm", "config": cfg},
+        "target": spec["target"], "classes": list(map(str, FACTORS[spec["target"]])),
+        "augment": spec["augment"], "input": {"size": 32, "range": [0, 1], "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+
+
+def train_classifier(name: str, *, steps: int = 1500, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+                     bias: dict | None = None, root: Path | None = None,
+                     log: Callable[[str], None] = print) -> dict:
+    """Train a toy classifier on fresh renders; augmentation by resampling nuisance factors."""
+    torch.manual_seed(seed)
+    card = classifier_card(name)
+    target = card["target"]
+    net = M.build_timm(card["architecture"]["config"])
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    net.train()
+    for step in range(steps):
+        f = sample_factors(batch, TRAIN_SEED_BASE + 7919 * (seed + 1) + step, bias=bias)
+        f = _augment(f, card["augment"], TRAIN_SEED_BASE + step)
+        x = (render(f) - 0.5) / 0.5
+        y = torch.from_numpy(factor_index(f, target))
+        loss = F.cross_entropy(net(x), y, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            log(f"[{name}] step {step + 1} loss {loss.item():.4f} {time.time() - t0:.0f}s")
+    card["training"] = {"steps": steps, "batch": batch, "optimizer": "AdamW + OneCycle", "lr": lr,
+                        "label_smoothing": 0.05, "seed": seed, "seconds": round(time.time() - t0, 1),
+                        "data": f"fresh renders every step, {steps * batch} images in all",
+                        "bias": bias, "env": _env()}
+    card["parameters"] = M.count_params(net)
+    M.save_weights(name, net.eval(), root)
+    M.write_card(name, card, root)
+    return card
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
