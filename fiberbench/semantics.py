@@ -167,3 +167,67 @@ def load_open_clip_extractor(name: str, layer: str | None, device="cpu", **kwarg
     return Extractor(model, spec=f"{spec}@{layer}", layer=layer, input_size=cfg["size"], mean=cfg["mean"],
                      std=cfg["std"], interpolation="bicubic",
                      forward_fn=embed if layer == "embed" else None).to(device)
+
+
+# --------------------------------------------------------------------------- vocabularies
+
+Vocabulary = dict  # group -> {label: [prompt, ...]}
+
+TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "a {}."]
+
+TOY_VOCAB: Vocabulary = {
+    "shape": {s: [f"a photo of a {s}.", f"a {s}.", f"a picture of a {s}."]
+              for s in ["circle", "square", "triangle", "arrow"]},
+    "color": {c: [f"a photo of a {c} shape.", f"a {c} shape.", f"something {c}."]
+              for c in ["red", "green", "blue", "yellow", "magenta", "cyan"]},
+    "background": {b: [f"a shape on a {b} background.", f"a photo with a {b} background.", f"on a {b} background."]
+                   for b in ["black", "gray", "white"]},
+    "mirror": {"right": ["an arrow pointing right.", "a shape pointing right."],
+               "left": ["an arrow pointing left.", "a shape pointing left."]},
+    "size": {w: [f"a {w} shape.", f"a photo of a {w} shape."] for w in ["small", "medium", "large"]},
+}
+# how a toy vocabulary label maps to the world's factor value (for agreement with the oracle)
+TOY_LABEL_TO_FACTOR = {"mirror": {"right": False, "left": True}}
+
+
+def make_vocab(concepts, templates: list[str] | None = None, group: str = "concept") -> Vocabulary:
+    """An open vocabulary from plain concepts: ``["a dog", "a cat"]`` or ``{"animal": ["dog", "cat"]}``.
+
+    Each concept is expanded with ``templates`` (open_clip's zero-shot style,
+    default :data:`TEMPLATES`) and the prompt embeddings are averaged.
+    """
+    templates = templates or TEMPLATES
+    if isinstance(concepts, dict):
+        return {g: make_vocab(c, templates, g)[g] for g, c in concepts.items()}
+    if isinstance(concepts, str) or not concepts:
+        raise ConfigError(f"concepts must be a non-empty list of strings (or a dict of lists), got {concepts!r}")
+    return {group: {c: [t.format(c) for t in templates] for c in concepts}}
+
+
+def class_embeddings(clip: ClipModel, labels: dict[str, list[str]]) -> torch.Tensor:
+    """``[K,D]`` unit-norm class embeddings: the mean of each label's prompt embeddings, renormalised."""
+    embs = [F.normalize(clip.embed_texts(list(prompts)).mean(0), dim=-1) for prompts in labels.values()]
+    return torch.stack(embs)
+
+
+def zero_shot(clip: ClipModel, images: torch.Tensor, labels: dict[str, list[str]] | list[str],
+              image_embeddings: torch.Tensor | None = None, temperature: float | None = None):
+    """Zero-shot classification of ``images`` ([N,3,H,W] in [0,1]) among ``labels``.
+
+    Returns a DataFrame with ``label`` (argmax), ``prob`` (its softmax probability at the
+    model's logit scale) and one ``p_<label>`` column per label.
+    """
+    import pandas as pd
+
+    if isinstance(labels, (list, tuple)):
+        labels = make_vocab(list(labels))["concept"]
+    cls = class_embeddings(clip, labels)
+    img = image_embeddings if image_embeddings is not None else clip.embed_images(images)
+    scale = temperature or float(clip.model.logit_scale.exp()) if hasattr(clip.model, "logit_scale") else 100.0
+    probs = (scale * img.to(cls.device) @ cls.T).softmax(-1).cpu()
+    names = list(labels)
+    idx = probs.argmax(-1)
+    df = pd.DataFrame({"label": [names[i] for i in idx.tolist()], "prob": probs.max(-1).values.numpy()})
+    for j, nm in enumerate(names):
+        df[f"p_{nm}"] = probs[:, j].numpy()
+    return df

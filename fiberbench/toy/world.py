@@ -236,7 +236,8 @@ def render(factors: pd.DataFrame, *, size: int = IMAGE_SIZE) -> torch.Tensor:
     cx = torch.tensor(f["x"].to_numpy(), dtype=torch.float32).view(n, 1, 1) * s
     cy = torch.tensor(f["y"].to_numpy(), dtype=torch.float32).view(n, 1, 1) * s
     r = torch.tensor(f["size"].to_numpy(), dtype=torch.float32).view(n, 1, 1) * s
-    flip = torch.tensor(f["mirror"].to_numpy(), dtype=torch.bool).view(n, 1, 1)
+    # mirroring only touches chiral shapes, so it is an exact no-op elsewhere
+    flip = torch.tensor((f["mirror"] & f["shape"].isin(CHIRAL)).to_numpy(), dtype=torch.bool).view(n, 1, 1)
     coords = torch.arange(size, dtype=torch.float32) + 0.5
     gx = coords.view(1, 1, size).expand(n, size, size)
     gy = coords.view(1, size, 1).expand(n, size, size)

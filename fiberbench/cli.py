@@ -1,0 +1,106 @@
+"""Command line: ``fiberbench list-models | train-toy | demo | bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _cmd_list(args) -> int:
+    from .zoo import REAL_MODELS, list_models
+
+    for spec in list_models(args.pattern, kind=args.kind):
+        print(spec)
+    if args.real:
+        print("\n# real models (weights from the Hugging Face hub / local cache):")
+        for m in REAL_MODELS:
+            if args.kind in (None, m["kind"]):
+                print(f"{m['spec']:<80} {m['kind']:<9} {m['size']:<14} {m['for']}")
+    return 0
+
+
+def _cmd_train_toy(args) -> int:
+    import torch
+
+    from .toy import train_all
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_all(only=args.only, quick=args.quick, minutes=args.minutes)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    path = run_demo(args.out, n=args.n, references=args.references, steps=args.steps, seed=args.seed)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    t0 = time.time()
+    if args.what == "quality":
+        out = bench.bench_quality(quick=args.quick, seed=args.seed)
+    elif args.what == "invariance":
+        out = bench.bench_invariance(quick=args.quick, seed=args.seed)
+    else:
+        out = bench.bench_perf(quick=args.quick)
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(bench.format_table(out))
+        print(f"({time.time() - t0:.0f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fiberbench", description="What is a vision model blind to?")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("list-models", help="print every spec string the registry knows")
+    q.add_argument("pattern", nargs="?", default="*", help="shell wildcard, e.g. 'toy/*'")
+    q.add_argument("--kind", choices=["extractor", "prior", "clip", "oracle"])
+    q.add_argument("--real", action="store_true", help="also list curated hub models")
+    q.set_defaults(fn=_cmd_list)
+
+    q = sub.add_parser("train-toy", help="train the shipped toy models from scratch on the CPU")
+    q.add_argument("--only", action="append", help="train only this model (repeatable)")
+    q.add_argument("--quick", action="store_true", help="a few steps each (smoke test, does not overwrite)")
+    q.add_argument("--minutes", type=float, default=None, help="time budget for each prior")
+    q.add_argument("--threads", type=int, default=None)
+    q.set_defaults(fn=_cmd_train_toy)
+
+    q = sub.add_parser("demo", help="sample fibers of the toy classifiers and write an HTML report")
+    q.add_argument("--out", default="out/demo")
+    q.add_argument("--n", type=int, default=8, help="samples per reference")
+    q.add_argument("--references", type=int, default=4)
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=_cmd_demo)
+
+    q = sub.add_parser("bench", help="benchmarks on the shapes world")
+    q.add_argument("what", nargs="?", default="quality", choices=["quality", "invariance", "perf"])
+    q.add_argument("--quick", action="store_true")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import FiberbenchError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FiberbenchError as e:
+        print(f"fiberbench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

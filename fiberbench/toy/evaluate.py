@@ -1,0 +1,150 @@
+"""Measure the toy models against their bars, on fresh seeds (never the training seeds).
+
+Each ``eval_*`` returns a flat dict of metrics; ``fiberbench train-toy`` writes
+it into the model's card under ``metrics`` together with the evaluation
+settings, so a test can re-measure and compare.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .world import CHIRAL, CONTINUOUS, DISCRETE, FACTORS, factor_index, intervene, render, sample_factors
+
+EVAL_SEED = 12345
+
+
+def _batched(fn, x: torch.Tensor, bs: int = 500) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(c) for c in x.split(bs)])
+
+
+def eval_oracle(oracle, n: int = 2000, seed: int = EVAL_SEED, n_junk: int = 1000) -> dict[str, Any]:
+    """Accuracy per discrete factor (mirror: on chiral shapes only), R^2 per continuous one, junk judged valid."""
+    from .oracle import make_junk
+
+    f = sample_factors(n, seed)
+    pred = oracle.predict(render(f))
+    out: dict[str, Any] = {}
+    for name in DISCRETE:
+        sel = f["shape"].isin(CHIRAL).to_numpy() if name == "mirror" else np.ones(n, bool)
+        out[f"acc_{name}"] = float((pred[name].to_numpy()[sel] == f[name].to_numpy()[sel]).mean())
+    for name in CONTINUOUS:
+        y, p = f[name].to_numpy(), pred[name].to_numpy()
+        out[f"r2_{name}"] = float(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    out["valid_clean"] = float(pred["valid"].mean())
+    junk, colour_only = make_junk(n_junk, np.random.default_rng(seed))
+    jp = oracle.predict(junk)
+    out["valid_junk"] = float(jp["valid"].mean())
+    out["eval"] = {"n": n, "seed": seed, "n_junk": n_junk}
+    return out
+
+
+def eval_classifier(extractor, target: str, n: int = 2000, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """Accuracy on fresh renders, and how much the logits move under single-factor interventions.
+
+    ``logit_change_<factor>`` = mean ||f(x') - f(x)|| / mean ||f(x) - f(x_other)|| where x' differs
+    from x in that factor only and x_other is an independent render (1 = as much as a full resample).
+    """
+    f = sample_factors(n, seed)
+    x = render(f)
+    logits = _batched(extractor, x)
+    acc = float((logits.argmax(-1).numpy() == factor_index(f, target)).mean())
+    out: dict[str, Any] = {f"acc_{target}": acc}
+    base = (logits - _batched(extractor, render(sample_factors(n, seed + 1)))).norm(dim=-1).mean()
+    for name in FACTORS:
+        g = f[f["shape"].isin(CHIRAL)] if name == "mirror" else f
+        xi = render(intervene(g, name, seed=seed + 2))
+        li = logits[torch.from_numpy(g.index.to_numpy())]
+        out[f"logit_change_{name}"] = float((_batched(extractor, xi) - li).norm(dim=-1).mean() / base)
+    out["eval"] = {"n": n, "seed": seed}
+    return out
+
+
+def total_variation(a: pd.Series, b: pd.Series, values=None, bins: int | None = None) -> float:
+    """TV distance between the empirical distributions of two columns (binned if continuous)."""
+    if bins is not None:
+        lo, hi = values
+        edges = np.linspace(lo, hi, bins + 1)
+        pa = np.histogram(np.clip(a, lo, hi), edges)[0] / len(a)
+        pb = np.histogram(np.clip(b, lo, hi), edges)[0] / len(b)
+    else:
+        pa = a.value_counts(normalize=True).reindex(values, fill_value=0).to_numpy()
+        pb = b.value_counts(normalize=True).reindex(values, fill_value=0).to_numpy()
+    return float(0.5 * np.abs(pa - pb).sum())
+
+
+def eval_prior(prior, oracle, n: int = 512, steps: int = 20, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """Unconditional samples judged by the oracle: valid fraction and per-factor TV to the data.
+
+    The data side is the oracle's judgement of ``n`` fresh renders, so both sides
+    pass through the same judge. Mirror is compared on chiral shapes only.
+    """
+    from ..sampling import sample_fiber
+    from ..extractors import Extractor
+
+    dummy = Extractor(torch.nn.Flatten(), spec="none/identity", layer="embed")
+    ref = torch.zeros(1, 3, 32, 32)
+    res = sample_fiber(prior, dummy, ref, n=n, method="unguided", steps=steps, seed=seed, progress=False,
+                       batch_size=128)
+    pred = oracle.predict(res.images)
+    data = oracle.predict(render(sample_factors(n, seed + 7)))
+    out: dict[str, Any] = {"valid": float(pred["valid"].mean())}
+    for name in DISCRETE:
+        a, b = pred, data
+        if name == "mirror":
+            a, b = pred[pred["shape"].isin(CHIRAL)], data[data["shape"].isin(CHIRAL)]
+        out[f"tv_{name}"] = total_variation(a[name], b[name], FACTORS[name])
+    for name in CONTINUOUS:
+        out[f"tv_{name}"] = total_variation(pred[name], data[name], FACTORS[name], bins=5)
+    out["tv_max"] = max(v for k, v in out.items() if k.startswith("tv_"))
+    out["seconds_per_sample"] = res.config["seconds_per_sample"]
+    out["eval"] = {"n": n, "steps": steps, "seed": seed, "sampler": "unguided, eta=0 (DDIM / Euler)"}
+    return out
+
+
+def eval_clip(clip, n: int = 2000, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """Zero-shot accuracy for shape, colour and background with prompts like "a photo of a red shape"."""
+    from ..semantics import TOY_VOCAB, zero_shot
+
+    f = sample_factors(n, seed)
+    x = render(f)
+    out: dict[str, Any] = {}
+    for group in ("shape", "color", "background"):
+        pred = zero_shot(clip, x, TOY_VOCAB[group])
+        out[f"zeroshot_{group}"] = float((pred["label"].to_numpy() == f[group].to_numpy()).mean())
+    out["eval"] = {"n": n, "seed": seed}
+    return out
+
+
+def measure(name: str, root=None) -> dict[str, Any]:
+    """Evaluate shipped toy model ``name`` with the settings of the bars (fresh seeds)."""
+    from ..zoo import load_clip, load_extractor, load_prior
+    from . import models as M
+    from .oracle import load_oracle
+
+    card = M.read_card(name, root)
+    kind = card["kind"]
+    if kind == "oracle":
+        return eval_oracle(load_oracle(root=root))
+    if kind in ("classifier", "encoder"):
+        return eval_classifier(load_extractor(f"toy/{name}@logits"), card["target"])
+    if kind in ("flow", "diffusion"):
+        return eval_prior(load_prior(f"toy/{name}"), load_oracle(root=root))
+    if kind == "clip":
+        return eval_clip(load_clip(f"toy/{name}"))
+    raise ValueError(f"no evaluation for kind {kind!r}")
+
+
+def record(name: str, root=None) -> dict[str, Any]:
+    """Measure ``name`` and store the metrics in its card."""
+    from . import models as M
+
+    metrics = measure(name, root)
+    card = M.read_card(name, root)
+    card["metrics"] = metrics
+    M.write_card(name, card, root)
+    return metrics

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    from fiberbench import toy
+    return toy.load_oracle()
+
+
+@pytest.fixture(scope="session")
+def prior_fm():
+    import fiberbench as fb
+    return fb.load_prior("toy/prior-fm")
+
+
+@pytest.fixture(scope="session")
+def shape_resnet():
+    import fiberbench as fb
+    return fb.load_extractor("toy/shape-resnet@logits")
+
+
+@pytest.fixture(scope="session")
+def color_vit():
+    import fiberbench as fb
+    return fb.load_extractor("toy/color-vit@logits")
