@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,63 +113,6 @@ def load_toy_clip(name: str = "clip", device="cpu") -> ClipModel:
                                      "interpolation": "bicubic"}, card=card).to(device)
 
 
-def _open_clip_parts(name: str, device="cpu", pretrained: str | None = None, **kwargs):
-    """``(model, tokenizer, preprocess_cfg, spec)`` for ``<arch>:<pretrained>`` or ``hf-hub:<repo>``."""
-    import open_clip
-
-    if name.startswith("hf-hub:"):
-        arch, tag = name, None
-    elif ":" in name:
-        arch, tag = name.split(":", 1)
-    else:
-        arch, tag = name, pretrained
-    tag = pretrained or tag
-    try:
-        model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device, **kwargs)
-    except RuntimeError as e:
-        msg = str(e)
-        if "Unknown model" in msg or "not found" in msg.lower():
-            hint = [m for m in open_clip.list_models() if arch.lower().split("-")[0] in m.lower()][:8]
-            raise ConfigError(f"open_clip model {name!r}: {msg}; similar architectures: {hint}") from e
-        raise ConfigError(f"cannot load open_clip/{name}: {msg}. Without network, pre-download the weights "
-                          f"(`huggingface-cli download <repo>`, cache ~/.cache/huggingface/hub) or pass a local "
-                          f"file as pretrained.") from e
-    except Exception as e:  # noqa: BLE001 - hub/network errors
-        raise ConfigError(f"cannot load open_clip/{name}: {type(e).__name__}: {e}. Without network, pre-download "
-                          f"the weights (`huggingface-cli download <repo>`, cache ~/.cache/huggingface/hub) or "
-                          f"pass a local file as pretrained.") from e
-    tokenizer = open_clip.get_tokenizer(arch)
-    pcfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-    size = pcfg.get("size", model.visual.image_size)
-    cfg = {"size": size if isinstance(size, int) else int(size[-1]),
-           "mean": list(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-           "std": list(pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
-           "interpolation": pcfg.get("interpolation", "bicubic"),
-           "resize_mode": pcfg.get("resize_mode", "shortest")}
-    return model, tokenizer, cfg, f"open_clip/{name}"
-
-
-def load_open_clip(name: str, device="cpu", **kwargs) -> ClipModel:
-    """Any open_clip model as a CLIP scorer (``ViT-B-32:laion2b_s34b_b79k``, ``hf-hub:…``, or ``<arch>`` + ``pretrained=<file>``)."""
-    model, tok, cfg, spec = _open_clip_parts(name, device=device, **kwargs)
-    return ClipModel(model, tok, spec=spec, preprocess_cfg=cfg).to(device)
-
-
-def load_open_clip_extractor(name: str, layer: str | None, device="cpu", **kwargs):
-    """The image tower of an open_clip model as an Extractor (unit-norm-free image embedding)."""
-    from .extractors import Extractor
-
-    model, _, cfg, spec = _open_clip_parts(name, device=device, **kwargs)
-    layer = layer or "embed"
-
-    def embed(m, x):
-        return m.encode_image(x)
-
-    return Extractor(model, spec=f"{spec}@{layer}", layer=layer, input_size=cfg["size"], mean=cfg["mean"],
-                     std=cfg["std"], interpolation="bicubic",
-                     forward_fn=embed if layer == "embed" else None).to(device)
-
-
 # --------------------------------------------------------------------------- vocabularies
 
 Vocabulary = dict  # group -> {label: [prompt, ...]}
@@ -231,3 +175,292 @@ def zero_shot(clip: ClipModel, images: torch.Tensor, labels: dict[str, list[str]
     for j, nm in enumerate(names):
         df[f"p_{nm}"] = probs[:, j].numpy()
     return df
+
+
+# --------------------------------------------------------------------------- scoring fibers
+#
+#
+# Column names are a contract (widgets and the results store read them):
+#   per sample  : run_id, extractor, method, reference, reference_id, class, sample,
+#                 clip_angle, clip_cosine, <group>_label, <group>_prob,
+#                 <group>_ref_label, <group>_changed
+#   per fiber   : run_id, extractor, method, reference, reference_id, class, group, n,
+#                 change_rate, entropy, prior_entropy, expected_entropy, entropy_ratio
+
+ENTROPY_UNIT = "bits"
+
+
+def angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Angle in degrees in [0, 180] between the last-dimension vectors of ``a`` and ``b`` (broadcast)."""
+    # 2·atan2(|â - b̂|, |â + b̂|) instead of arccos(cos): exact at 0 and accurate for tiny angles
+    # (arccos of 1 - 1e-16 is already 1e-6 degrees off)
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    a, b = torch.broadcast_tensors(F.normalize(a, dim=-1, eps=1e-300), F.normalize(b, dim=-1, eps=1e-300))
+    return torch.rad2deg(2 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1)))
+
+
+def clip_labels(clip: ClipModel, images: torch.Tensor | None = None, vocab: Vocabulary | None = None, *,
+                image_embeddings: torch.Tensor | None = None) -> "pd.DataFrame":
+    """Zero-shot label per vocabulary group: columns ``<group>_label`` and ``<group>_prob``, one row per image.
+
+    ``images``: ``[N,3,H,W]`` in [0,1] (or pass ``image_embeddings [N,D]``).
+    """
+    import pandas as pd
+
+    vocab = TOY_VOCAB if vocab is None else vocab
+    _check_vocab(vocab)
+    img = image_embeddings if image_embeddings is not None else clip.embed_images(images)
+    out = {}
+    for group, labels in vocab.items():
+        zs = zero_shot(clip, None, labels, image_embeddings=img)
+        out[f"{group}_label"] = zs["label"].to_numpy()
+        out[f"{group}_prob"] = zs["prob"].to_numpy()
+    return pd.DataFrame(out)
+
+
+def _check_vocab(vocab) -> None:
+    if not isinstance(vocab, dict) or not vocab:
+        raise ConfigError(f"a vocabulary is a non-empty dict group -> {{label: [prompts]}}; got {type(vocab).__name__}"
+                          " (build one with make_vocab)")
+    for g, labels in vocab.items():
+        if not isinstance(labels, dict) or len(labels) < 2:
+            raise ConfigError(f"vocabulary group {g!r} needs at least two labels with prompts, got {labels!r}")
+
+
+def _fiber_ids(result) -> "pd.DataFrame":
+    import pandas as pd
+
+    m, n = result.images.shape[0], result.n
+    b = result.reference.shape[0]
+    if m != b * n:
+        raise InputError(f"FiberResult has {m} samples for {b} references x n={n}")
+    ids = result.reference_ids or [str(i) for i in range(b)]
+    c = result.config
+    return pd.DataFrame({"run_id": c.get("run_id"), "extractor": c.get("extractor"), "method": c.get("method"),
+                         "reference": np.repeat(np.arange(b), n), "reference_id": np.repeat(np.asarray(ids, object), n),
+                         "sample": np.tile(np.arange(n), b)})
+
+
+def _with_changes(ids, labels, ref_labels, groups, classes, n) -> "pd.DataFrame":
+    import pandas as pd
+
+    df = ids.copy()
+    b = len(ref_labels)
+    if classes is not None:
+        if len(classes) != b:
+            raise InputError(f"classes must give one class per reference ({b}), got {len(classes)}")
+        df.insert(df.columns.get_loc("sample"), "class", np.repeat(np.asarray([str(c) for c in classes], object), n))
+    else:
+        df.insert(df.columns.get_loc("sample"), "class", "all")
+    for g in groups:
+        lab = labels[f"{g}_label"].to_numpy(object)
+        ref = np.repeat(ref_labels[f"{g}_label"].to_numpy(object), n)
+        df[f"{g}_label"] = lab
+        df[f"{g}_prob"] = labels[f"{g}_prob"].to_numpy(float)
+        df[f"{g}_ref_label"] = ref
+        known = pd.notna(lab) & pd.notna(ref)
+        changed = pd.array([bool(a != r) if k else pd.NA for a, r, k in zip(lab, ref, known)], dtype="boolean")
+        df[f"{g}_changed"] = changed
+    return df
+
+
+def score_fiber(result, clip: ClipModel, vocab: Vocabulary | None = None, *,
+                classes: Sequence[str] | None = None, batch_size: int = 256) -> "pd.DataFrame":
+    """Say in CLIP space what changed inside each fiber: one row per sample.
+
+    Args:
+        result: a :class:`~fiberbench.sampling.FiberResult` (``images [B*n,3,H,W]``, reference-major).
+        clip: the scorer (``fiberbench.load_clip("toy/clip")`` or any open_clip model).
+        vocab: attribute groups ``{group: {label: [prompts]}}`` (default :data:`TOY_VOCAB`;
+            any list of concepts via :func:`make_vocab`).
+        classes: optional class name per reference (goes into ``class``; default ``"all"``).
+
+    Returns:
+        DataFrame with ``run_id, extractor, method, reference, reference_id, class, sample``,
+        ``clip_angle`` (degrees in [0,180] between the sample's and its reference's CLIP
+        embeddings), ``clip_cosine``, and per group ``<group>_label``, ``<group>_prob``
+        (zero-shot softmax probability), ``<group>_ref_label`` (the reference's label)
+        and ``<group>_changed`` (label differs from the reference's). Merge with
+        ``result.to_frame()`` on ``run_id, reference, sample``.
+    """
+    vocab = TOY_VOCAB if vocab is None else vocab
+    _check_vocab(vocab)
+    ids = _fiber_ids(result)
+    emb = clip.embed_images(result.images, batch_size=batch_size)
+    ref = clip.embed_images(result.reference, batch_size=batch_size)
+    n = result.n
+    ref_rep = ref.repeat_interleave(n, 0)
+    cos = (emb.double() * ref_rep.double()).sum(-1).clamp(-1, 1)
+    labels = clip_labels(clip, vocab=vocab, image_embeddings=emb)
+    ref_labels = clip_labels(clip, vocab=vocab, image_embeddings=ref)
+    df = _with_changes(ids, labels, ref_labels, list(vocab), classes, n)
+    df.insert(df.columns.get_loc("sample") + 1, "clip_angle", angle_deg(emb, ref_rep).cpu().numpy())
+    df.insert(df.columns.get_loc("clip_angle") + 1, "clip_cosine", cos.cpu().numpy())
+    return df
+
+
+# the oracle's factor values spelled like TOY_VOCAB's labels
+ORACLE_GROUPS = ["shape", "color", "background", "size", "mirror"]
+
+
+def oracle_labels(oracle, images: torch.Tensor) -> "pd.DataFrame":
+    """The toy oracle's judgement as ``<group>_label`` / ``<group>_prob`` columns matching :data:`TOY_VOCAB`.
+
+    ``size`` is the regressed size binned into thirds (small / medium / large, as
+    in the world's captions; prob = NaN); ``mirror`` is ``left``/``right`` where the
+    predicted shape is chiral and missing (NA) elsewhere, where it is invisible.
+    Also carries ``valid`` (the oracle's validity call).
+    """
+    import pandas as pd
+
+    from .toy.world import CHIRAL, FACTORS, _size_word
+
+    p = oracle.predict(images)
+    out = {}
+    for g in ("shape", "color", "background"):
+        out[f"{g}_label"] = p[g].astype(str).to_numpy(object)
+        out[f"{g}_prob"] = p[f"{g}_conf"].to_numpy(float)
+    lo, hi = FACTORS["size"]
+    out["size_label"] = np.array([_size_word(min(max(v, lo), hi)) for v in p["size"]], object)
+    out["size_prob"] = np.full(len(p), np.nan)
+    chiral = p["shape"].isin(CHIRAL).to_numpy()
+    out["mirror_label"] = np.array([("left" if m else "right") if c else None for m, c in zip(p["mirror"], chiral)],
+                                   object)
+    out["mirror_prob"] = np.where(chiral, p["mirror_conf"].to_numpy(float), np.nan)
+    df = pd.DataFrame(out)
+    df["valid"] = p["valid"].to_numpy()
+    return df
+
+
+def score_fiber_oracle(result, oracle=None, *, classes: Sequence[str] | None = None,
+                       groups: Sequence[str] = tuple(ORACLE_GROUPS)) -> "pd.DataFrame":
+    """Ground truth twin of :func:`score_fiber` on the toy world: the oracle's labels instead of CLIP's.
+
+    Same columns (without ``clip_angle``/``clip_cosine``), plus ``valid`` per sample.
+    """
+    if oracle is None:
+        from .toy import load_oracle
+        oracle = load_oracle()
+    ids = _fiber_ids(result)
+    labels, ref_labels = oracle_labels(oracle, result.images), oracle_labels(oracle, result.reference)
+    df = _with_changes(ids, labels, ref_labels, list(groups), classes, result.n)
+    df["valid"] = labels["valid"].to_numpy()
+    return df
+
+
+def label_distribution(labels: "pd.DataFrame", groups: Sequence[str] | None = None) -> "pd.DataFrame":
+    """Empirical label distribution per group from a frame with ``<group>_label`` columns.
+
+    Returns a long frame ``group, label, p`` (missing labels ignored).
+    """
+    import pandas as pd
+
+    groups = groups or [c[:-len("_label")] for c in labels.columns
+                        if c.endswith("_label") and not c.endswith("_ref_label")]
+    rows = []
+    for g in groups:
+        vc = labels[f"{g}_label"].dropna().value_counts(normalize=True)
+        rows += [(g, str(k), float(v)) for k, v in vc.items()]
+    return pd.DataFrame(rows, columns=["group", "label", "p"])
+
+
+def label_prior(clip: ClipModel, images: torch.Tensor, vocab: Vocabulary | None = None) -> "pd.DataFrame":
+    """The distribution of each group's zero-shot label over ``images`` (``group, label, p``).
+
+    What "entropy under the prior" is measured against in :func:`summarize_fiber`.
+    Use *unguided samples of the prior* for a real prior (the fiber's own
+    population); on the toy world, fresh renders (``fiberbench.toy.references``)
+    are the distribution the toy priors were trained on and cost no sampling:
+    :func:`toy_label_prior` does that.
+    """
+    return label_distribution(clip_labels(clip, images, vocab))
+
+
+def toy_label_prior(clip: ClipModel, vocab: Vocabulary | None = None, n: int = 1024, seed: int = 777) -> "pd.DataFrame":
+    """:func:`label_prior` on ``n`` fresh renders of the shapes world (the toy priors' training distribution)."""
+    from .toy import references
+
+    images, _ = references(n, seed)
+    return label_prior(clip, images, vocab)
+
+
+def _entropy_bits(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
+
+
+def expected_plugin_entropy(p: np.ndarray, n: int, n_mc: int = 4000, seed: int = 0) -> float:
+    """E[plug-in entropy (bits) of ``n`` i.i.d. draws from ``p``] — the small-sample baseline.
+
+    A fiber of 4 samples cannot show more than 2 bits of entropy even if its labels
+    are drawn freely from six colours; comparing with this size-matched value (not
+    with ``H(p)``) makes a ratio of 1 mean "as free as the prior".
+    """
+    p = np.asarray(p, float)
+    p = p / p.sum()
+    if n <= 1 or len(p) <= 1:
+        return 0.0
+    counts = np.random.default_rng(seed).multinomial(n, p, size=n_mc) / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(counts > 0, counts * np.log2(counts), 0.0).sum(1)
+    return float(h.mean())
+
+
+def summarize_fiber(frame: "pd.DataFrame", prior: "pd.DataFrame | None" = None, *,
+                    vocab: Vocabulary | None = None, groups: Sequence[str] | None = None,
+                    n_mc: int = 4000, seed: int = 0) -> "pd.DataFrame":
+    """Per fiber and attribute group: change rate and entropy relative to the prior — the invariance statistic.
+
+    Args:
+        frame: output of :func:`score_fiber` (or :func:`score_fiber_oracle`).
+        prior: ``group, label, p`` (from :func:`label_prior` / :func:`toy_label_prior` /
+            :func:`label_distribution`). ``None``: uniform over the vocabulary's labels
+            (an upper bound on the prior's entropy), labels from ``vocab`` (default TOY_VOCAB).
+        groups: groups to summarise (default: every ``<group>_changed`` column).
+
+    Returns:
+        Long frame, one row per (fiber, group): ``run_id, extractor, method, reference,
+        reference_id, class, group, n`` (samples with a label), ``change_rate`` (fraction
+        whose label differs from the reference's), ``entropy`` (plug-in, bits, of the
+        labels inside the fiber), ``prior_entropy`` (``H(prior)``, bits),
+        ``expected_entropy`` (expected plug-in entropy of ``n`` draws from the prior)
+        and ``entropy_ratio = entropy / expected_entropy`` (≈1: the extractor is blind
+        to the attribute; 0: the fiber keeps it fixed).
+    """
+    import pandas as pd
+
+    groups = list(groups) if groups is not None else [c[:-len("_changed")] for c in frame.columns
+                                                      if c.endswith("_changed")]
+    if not groups:
+        raise InputError("frame has no <group>_changed columns: pass the output of score_fiber")
+    if prior is None:
+        vocab = TOY_VOCAB if vocab is None else vocab
+        prior = pd.DataFrame([(g, lab, 1.0 / len(v)) for g, v in vocab.items() for lab in v],
+                             columns=["group", "label", "p"])
+    keys = [k for k in ("run_id", "extractor", "method", "reference", "reference_id", "class") if k in frame.columns]
+    cache: dict[tuple[str, int], float] = {}
+    rows = []
+    for key, fib in frame.groupby(keys, sort=True, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        for g in groups:
+            lab = fib[f"{g}_label"].dropna()
+            n = len(lab)
+            changed = fib[f"{g}_changed"].dropna().astype(float)
+            p_prior = prior.loc[prior["group"] == g, "p"].to_numpy(float)
+            if n == 0 or p_prior.size == 0:
+                h = hp = he = float("nan")
+            else:
+                h = _entropy_bits(lab.value_counts(normalize=True).to_numpy(float))
+                hp = _entropy_bits(p_prior / p_prior.sum())
+                if (g, n) not in cache:
+                    cache[(g, n)] = expected_plugin_entropy(p_prior, n, n_mc, seed)
+                he = cache[(g, n)]
+            ratio = h / he if he and he > 0 else float("nan")
+            rows.append(list(key) + [g, n, float(changed.mean()) if len(changed) else float("nan"), h, hp, he, ratio])
+    return pd.DataFrame(rows, columns=keys + ["group", "n", "change_rate", "entropy", "prior_entropy",
+                                             "expected_entropy", "entropy_ratio"])
+
+
+def change_rates(summary: "pd.DataFrame", by: Sequence[str] = ("extractor", "group")) -> "pd.DataFrame":
+    """Mean change rate and entropy ratio per ``by`` (default: per extractor and attribute group)."""
+    return summary.groupby(list(by), sort=True)[["change_rate", "entropy_ratio"]].mean().reset_index()

@@ -1,0 +1,226 @@
+"""SING: head decomposition, exact logit equality under null-space edits, IS/AS, translator, steering."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fiberbench.errors import ConfigError, InputError
+from fiberbench.nullspace import (
+    Translator, angle_deg, attribute_score, fit_translator, head_decomposition, image_score, load_translator,
+    pre_logit_features, sing_scores, sing_summary, steer, steering_summary, steering_table,
+)
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- tiny random models
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from open_clip.model import CLIP
+
+    from fiberbench.semantics import ClipModel, toy_tokenizer
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+                 text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
+    return ClipModel(model, toy_tokenizer(16), spec="test/tiny-clip",
+                     preprocess_cfg={"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+
+
+@pytest.fixture(scope="module")
+def tiny_resnet():
+    import timm
+
+    from fiberbench.extractors import Extractor
+
+    torch.manual_seed(1)
+    m = timm.create_model("resnet18", pretrained=False, num_classes=4, layers=(1, 1, 1, 1), channels=(8, 16, 16, 24),
+                          stem_width=8)
+    return Extractor(m, spec="test/tiny-resnet@logits", layer="logits", input_size=32, mean=[0.5] * 3,
+                     std=[0.5] * 3, classes=["circle", "square", "triangle", "arrow"])
+
+
+def _renders(n, seed):
+    from fiberbench import toy
+
+    return toy.references(n, seed)
+
+
+# --------------------------------------------------------------------------- decomposition
+
+def test_decomposition_of_a_linear_head_is_exact():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 4)
+    d = head_decomposition(head)
+    assert (d.rank, d.null_dim, d.dim) == (4, 12, 16)
+    # the null basis is annihilated by W, the projectors are complementary and idempotent
+    assert float((d.weight @ d.null_basis).abs().max()) < 1e-12
+    eye = torch.eye(16, dtype=torch.float64)
+    assert torch.allclose(d.principal_projector + d.null_projector, eye, atol=1e-14)
+    assert torch.allclose(d.null_projector @ d.null_projector, d.null_projector, atol=1e-12)
+    # equivalent features: float32 logits through the module itself equal within 1e-5 relative
+    h = torch.randn(64, 16) * 3
+    h2 = d.equivalent(h)
+    assert h2.dtype == torch.float32
+    with torch.no_grad():
+        a, b = head(h), head(h2)
+    rel = float((a - b).abs().max() / a.abs().max())
+    assert rel < 1e-5, rel
+    assert float(d.logit_change(h.double(), d.equivalent(h.double())).max()) < 1e-12  # float64: exact to rounding
+    # a huge null-space edit (100x the features' norm) keeps the logits too
+    n = d.project_null(torch.randn(64, 16).double() * 300)
+    assert float(d.logit_change(h.double(), h.double() + n).max()) < 1e-10
+    # and the removed part is orthogonal to what stays
+    assert float((d.null_component(h.double()) * d.equivalent(h.double())).sum(-1).abs().max()) < 1e-9
+
+
+def test_rank_deficient_head_uses_the_documented_tolerance():
+    torch.manual_seed(2)
+    w = (torch.randn(5, 2) @ torch.randn(2, 10)).float()  # rank 2, stored in float32
+    d = head_decomposition((w, torch.zeros(5)))
+    assert d.rank == 2 and d.null_dim == 8
+    s = d.singular_values
+    assert math.isclose(d.tol, float(s.max()) * 10 * torch.finfo(torch.float32).eps, rel_tol=1e-12)
+    assert float(s[2:].max()) < d.tol < float(s[1])
+    with pytest.raises(InputError, match="dimension"):
+        d.equivalent(torch.randn(3, 7))
+    with pytest.raises(ConfigError, match="nn.Linear"):
+        head_decomposition("resnet")
+
+
+def test_decomposition_of_an_extractor_head(tiny_resnet):
+    images, _ = _renders(12, 0)
+    d = head_decomposition(tiny_resnet)
+    assert d.spec == "test/tiny-resnet@logits" and (d.rank, d.null_dim) == (4, 20)
+    h = pre_logit_features(tiny_resnet, images)
+    with torch.no_grad():
+        logits = tiny_resnet(images)
+        assert torch.allclose(tiny_resnet.classifier()(h), logits, atol=1e-5)
+        eq = tiny_resnet.classifier()(d.equivalent(h))
+    assert float((eq - logits).abs().max() / logits.abs().max()) < 1e-5
+
+
+# --------------------------------------------------------------------------- IS / AS
+
+def _identity_translator(dim):
+    return Translator(torch.eye(dim), torch.zeros(dim))
+
+
+def test_image_score_is_zero_without_null_component_and_positive_with_it():
+    torch.manual_seed(3)
+    d = head_decomposition(nn.Linear(8, 3))
+    tr = Translator(torch.randn(6, 8), torch.randn(6))
+    h_principal = (torch.randn(10, 3).double() @ d.basis.T)  # lies in the row space of W
+    is0 = image_score(h_principal, d, tr)
+    assert float(is0.abs().max()) < 1e-6  # degrees
+    h = torch.randn(10, 8).double()
+    is1 = image_score(h, d, tr)
+    assert bool((is1 > 1.0).all())
+    # equals the angle between T h and T h' computed by hand
+    manual = angle_deg(tr(h), tr(d.equivalent(h)))
+    assert torch.allclose(is1, manual)
+
+
+def test_attribute_score_sign_on_a_constructed_case():
+    # logits see only e1; the null space is span(e2, e3); T = identity; concept = e2
+    d = head_decomposition((torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1)))
+    tr = _identity_translator(3)
+    t = torch.tensor([0.0, 1.0, 0.0])
+    hiding = torch.tensor([1.0, -1.0, 0.0])   # null part points away from the concept: removing it helps
+    carrying = torch.tensor([1.0, 1.0, 0.0])  # null part points toward the concept: removing it hurts
+    assert float(attribute_score(hiding, d, tr, t)) == pytest.approx(45.0, abs=1e-9)   # 135 - 90
+    assert float(attribute_score(carrying, d, tr, t)) == pytest.approx(-45.0, abs=1e-9)  # 45 - 90
+    both = attribute_score(torch.stack([hiding, carrying]), d, tr, torch.stack([t, -t]))
+    assert both.shape == (2, 2)
+    assert torch.allclose(both, torch.tensor([[45.0, -45.0], [-45.0, 45.0]], dtype=torch.float64), atol=1e-9)
+    assert float(image_score(hiding, d, tr)) == pytest.approx(45.0, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- translator
+
+def test_translator_recovers_a_linear_map_and_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(600, 20, generator=g) * 2 + 1
+    a_true, c_true = torch.randn(12, 20, generator=g), torch.randn(12, generator=g)
+    y = F.normalize(x @ a_true.T + c_true + 0.05 * torch.randn(600, 12, generator=g), dim=-1)
+    tr = fit_translator(None, None, features=x, targets=y, ridge=1e-4)
+    m = tr.metrics
+    assert m["n_train"] == 480 and m["n_heldout"] == 120
+    # y is a *normalised* affine image of x: cosine is what a linear fit can match, and it does
+    assert m["heldout_cosine"] > 0.97, m
+    path = tr.save(tmp_path / "t.safetensors")
+    back = load_translator(path)
+    assert torch.equal(back.weight, tr.weight) and torch.equal(back.bias, tr.bias)
+    assert back.metrics == m
+    with pytest.raises(InputError, match="does not exist"):
+        load_translator(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(InputError, match="not a translator"):
+        load_translator(tmp_path / "junk.safetensors")
+    with pytest.raises(ConfigError, match="ridge"):
+        fit_translator(None, None, features=x, targets=y, ridge=-1)
+
+
+def test_ridge_shrinks_toward_the_mean():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(200, 10, generator=g), F.normalize(torch.randn(200, 6, generator=g), dim=-1)
+    big = fit_translator(None, None, features=x, targets=y, ridge=1e6, holdout=0.0)
+    assert float(big.weight.abs().max()) < 1e-4  # all shrunk: T h ≈ mean of the targets
+    assert torch.allclose(big.bias, y.double().mean(0), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- steering
+
+def test_steering_reaches_the_analytic_optimum_and_keeps_logits():
+    # W sees e1, e2; null space span(e3..e6); T = identity; target = e4 (in the null space)
+    w = torch.zeros(2, 6)
+    w[0, 0] = w[1, 1] = 1.0
+    d = head_decomposition((w, torch.tensor([0.5, -0.5])))
+    tr = _identity_translator(6)
+    h = torch.tensor([[3.0, 4.0, 0, 0, 0, 0], [1.0, 0.0, 0, 0, 0, 0]])
+    t = torch.zeros(6)
+    t[3] = 1.0
+    r = 2.0
+    res = steer(h, t, r, decomposition=d, translator=tr, steps=300)
+    # optimum: n = r e4, cos = r / sqrt(|h|^2 + r^2)
+    expect = torch.tensor([r / math.sqrt(25 + r * r), r / math.sqrt(1 + r * r)], dtype=torch.float64)
+    assert torch.allclose(res.cos_after, expect, atol=1e-4), (res.cos_after, expect)
+    assert torch.allclose(res.cos_before, torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert float(res.delta.norm(dim=-1).max()) <= r + 1e-6
+    assert float(res.logit_change.max()) < 1e-12
+    # the steered null space now carries the concept: AS negative (angle to t shrank vs h' = h)
+    expect_as = torch.rad2deg(torch.arccos(expect)) - 90.0
+    assert torch.allclose(res.attribute_score, expect_as, atol=1e-2)
+    # relative bound: 0.5 * ||h|| for the first row = 2.5
+    rel = steer(h[0], t, 0.5, decomposition=d, translator=tr, relative_to="feature")
+    assert float(rel.bound) == pytest.approx(2.5) and float(rel.cos_after) == pytest.approx(2.5 / math.sqrt(25 + 6.25), abs=1e-4)
+    with pytest.raises(ConfigError, match="relative_to"):
+        steer(h, t, 1.0, decomposition=d, translator=tr, relative_to="logits")
+
+
+def test_sing_frames_on_tiny_models(tiny_resnet, tiny_clip):
+    images, factors = _renders(48, 1)
+    tr = fit_translator(tiny_resnet, tiny_clip, images, ridge=1e-2)
+    assert set(tr.metrics) >= {"heldout_cosine", "train_cosine", "n_train", "n_heldout"}
+    concepts = ["a red shape", "a blue shape"]
+    df = sing_scores(tiny_resnet, tiny_clip, tr, images[:10], concepts, labels=factors["shape"][:10])
+    assert list(df.columns) == ["extractor", "clip", "image", "class", "label", "concept", "image_score",
+                                "attribute_score", "null_fraction"]
+    assert len(df) == 20 and df["image_score"].between(0, 180).all() and df["attribute_score"].abs().le(180).all()
+    assert set(df["class"]) <= {"circle", "square", "triangle", "arrow"}
+    summ = sing_summary(df, by=("extractor", "concept"), n_boot=200)
+    assert set(summ["statistic"]) == {"image_score", "attribute_score", "null_fraction"}
+    assert (summ["ci_low"] <= summ["mean"]).all() and (summ["mean"] <= summ["ci_high"]).all()
+
+    tab = steering_table(tiny_resnet, tiny_clip, images[:10], "a photo of a jellyfish", translator=tr, steps=150)
+    assert float(tab["logit_change"].max()) < 1e-5
+    # steering toward the concept can only increase the cosine and lower the AS
+    assert bool((tab["cos_after"] >= tab["cos_before"] - 1e-12).all())
+    assert float(tab["attribute_score"].mean()) < float(tab["attribute_score_before"].mean())
+    s = steering_summary(tab)
+    assert len(s) == 1 and s["abs_as_mean"].iloc[0] > 0 and s["n"].iloc[0] == 10

@@ -1,0 +1,157 @@
+"""CLIP scoring of fibers: per-sample labels and angles, per-fiber invariance statistics, oracle agreement."""
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fiberbench import toy
+from fiberbench.errors import ConfigError, InputError
+from fiberbench.semantics import (
+    TOY_VOCAB, angle_deg, clip_labels, expected_plugin_entropy, label_distribution, make_vocab, score_fiber,
+    summarize_fiber, zero_shot,
+)
+
+torch.set_num_threads(1)
+
+SAMPLE_COLUMNS = ["run_id", "extractor", "method", "reference", "reference_id", "class", "sample", "clip_angle",
+                  "clip_cosine"]
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from open_clip.model import CLIP
+
+    from fiberbench.semantics import ClipModel, toy_tokenizer
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                           "head_width": 16},
+                 text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
+    return ClipModel(model, toy_tokenizer(16), spec="test/tiny-clip",
+                     preprocess_cfg={"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+
+
+def _fake_result(n_ref=3, n=4, seed=0):
+    """A FiberResult whose fiber 0 is n copies of its reference and the others fresh renders."""
+    from fiberbench.sampling import FiberResult
+
+    ref, _ = toy.references(n_ref, seed)
+    other, _ = toy.references(n_ref * n, seed + 1)
+    images = other.clone()
+    images[:n] = ref[0]
+    m = n_ref * n
+    return FiberResult(images=images, reference=ref, feature_distance=torch.zeros(m), cosine=torch.ones(m),
+                       status=["ok"] * m, config={"n": n, "run_id": "r0", "extractor": "toy/x@logits",
+                                                  "method": "ndtm"},
+                       reference_ids=[f"ref{i}" for i in range(n_ref)])
+
+
+# --------------------------------------------------------------------------- per sample
+
+def test_score_fiber_columns_angles_and_changes(tiny_clip):
+    res = _fake_result()
+    df = score_fiber(res, tiny_clip, classes=["a", "b", "c"])
+    groups = list(TOY_VOCAB)
+    expect = SAMPLE_COLUMNS + [f"{g}_{k}" for g in groups for k in ("label", "prob", "ref_label", "changed")]
+    assert list(df.columns) == expect
+    assert len(df) == 12 and df["reference"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert df["reference_id"].iloc[5] == "ref1" and df["class"].iloc[9] == "c"
+    # fiber 0 is the reference itself: angle 0 up to float32 embedding noise across batch sizes
+    # (~1e-7 relative -> a few 1e-6 degrees) and nothing changed
+    assert df["clip_angle"].iloc[:4].abs().max() < 1e-4
+    assert not df.loc[:3, [f"{g}_changed" for g in groups]].to_numpy().any()
+    # angles agree with a direct computation (arccos: fine away from 0; at 0 it is 0.01 degrees off,
+    # which is why score_fiber uses the atan2 form)
+    e = tiny_clip.embed_images(res.images)
+    r = tiny_clip.embed_images(res.reference).repeat_interleave(4, 0)
+    manual = torch.rad2deg(torch.arccos((e.double() * r.double()).sum(-1).clamp(-1, 1))).numpy()
+    assert np.allclose(df["clip_angle"].iloc[4:], manual[4:], atol=1e-3)
+    assert df["clip_angle"].iloc[4:].min() > 0
+    # changed is exactly label != reference label; probabilities are the zero-shot ones
+    for g in groups:
+        assert (df[f"{g}_changed"].astype(bool) == (df[f"{g}_label"] != df[f"{g}_ref_label"])).all()
+    zs = zero_shot(tiny_clip, res.images, TOY_VOCAB["color"])
+    assert (zs["label"].to_numpy() == df["color_label"].to_numpy()).all()
+    assert np.allclose(zs["prob"], df["color_prob"])
+    with pytest.raises(InputError, match="one class per reference"):
+        score_fiber(res, tiny_clip, classes=["a"])
+
+
+def test_open_vocabulary_and_zero_shot_api(tiny_clip):
+    vocab = make_vocab({"animal": ["dog", "cat", "jellyfish"], "mood": ["happy", "sad"]})
+    assert vocab["animal"]["dog"] == ["a photo of a dog.", "a picture of a dog.", "a dog."]
+    df = score_fiber(_fake_result(2, 3), tiny_clip, vocab)
+    assert {"animal_label", "animal_changed", "mood_prob"} <= set(df.columns)
+    assert set(df["animal_label"]) <= {"dog", "cat", "jellyfish"}
+    zs = zero_shot(tiny_clip, toy.references(5, 0)[0], ["a dog", "a cat"])
+    assert list(zs.columns) == ["label", "prob", "p_a dog", "p_a cat"]
+    assert np.allclose(zs[["p_a dog", "p_a cat"]].sum(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ConfigError, match="at least two labels"):
+        score_fiber(_fake_result(), tiny_clip, {"color": {"red": ["a red shape"]}})
+    with pytest.raises(ConfigError):
+        make_vocab("dog")
+
+
+def test_angle_deg_is_exact_at_zero_and_right_angle():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    b = torch.tensor([[3.0, 0.0], [0.0, -2.0], [-1.0, 1e-9]])
+    got = angle_deg(a, b)
+    assert got[0] == 0.0 and got[1] == pytest.approx(135.0, abs=1e-12) and got[2] == pytest.approx(180.0, abs=1e-6)
+    tiny = angle_deg(torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 1e-9], dtype=torch.float64))
+    assert float(tiny) == pytest.approx(math.degrees(1e-9), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- per fiber
+
+def _exact_expected_entropy(p, n):
+    total = 0.0
+    for draw in itertools.product(range(len(p)), repeat=n):
+        prob = np.prod([p[i] for i in draw])
+        c = np.bincount(draw, minlength=len(p)) / n
+        c = c[c > 0]
+        total += prob * float(-(c * np.log2(c)).sum())
+    return total
+
+
+def test_expected_plugin_entropy_matches_enumeration():
+    p6 = np.full(6, 1 / 6)
+    assert expected_plugin_entropy(p6, 4, n_mc=20000) == pytest.approx(_exact_expected_entropy(p6, 4), abs=0.01)
+    skew = np.array([0.7, 0.2, 0.1])
+    assert expected_plugin_entropy(skew, 3, n_mc=20000) == pytest.approx(_exact_expected_entropy(skew, 3), abs=0.01)
+    assert expected_plugin_entropy(p6, 1) == 0.0
+
+
+def test_summarize_fiber_numbers():
+    frame = pd.DataFrame({
+        "run_id": "r", "extractor": "e", "method": "ndtm", "reference": [0] * 4 + [1] * 4,
+        "reference_id": ["0"] * 4 + ["1"] * 4, "class": "all", "sample": list(range(4)) * 2,
+        "color_label": ["red", "red", "blue", "green", "cyan", "cyan", "cyan", "cyan"],
+        "color_ref_label": ["red"] * 4 + ["cyan"] * 4,
+    })
+    frame["color_changed"] = frame["color_label"] != frame["color_ref_label"]
+    prior = pd.DataFrame({"group": "color", "label": TOY_VOCAB["color"].keys(), "p": 1 / 6})
+    s = summarize_fiber(frame, prior, n_mc=20000)
+    assert list(s.columns) == ["run_id", "extractor", "method", "reference", "reference_id", "class", "group", "n",
+                               "change_rate", "entropy", "prior_entropy", "expected_entropy", "entropy_ratio"]
+    f0, f1 = s.iloc[0], s.iloc[1]
+    assert f0["change_rate"] == 0.5 and f0["entropy"] == pytest.approx(1.5)
+    assert f0["prior_entropy"] == pytest.approx(math.log2(6))
+    exact = _exact_expected_entropy(np.full(6, 1 / 6), 4)
+    assert f0["expected_entropy"] == pytest.approx(exact, abs=0.01)
+    assert f0["entropy_ratio"] == pytest.approx(1.5 / exact, abs=0.01)
+    assert f1["change_rate"] == 0.0 and f1["entropy"] == 0.0 and f1["entropy_ratio"] == 0.0
+    # default prior: uniform over the vocabulary's labels -> same numbers here
+    s2 = summarize_fiber(frame, n_mc=20000)
+    assert s2["entropy_ratio"].iloc[0] == pytest.approx(f0["entropy_ratio"], abs=0.01)
+    with pytest.raises(InputError, match="_changed"):
+        summarize_fiber(frame.drop(columns="color_changed"))
+
+
+def test_label_distribution_sums_to_one(tiny_clip):
+    labels = clip_labels(tiny_clip, toy.references(40, 2)[0])
+    dist = label_distribution(labels)
+    assert set(dist["group"]) == set(TOY_VOCAB)
+    assert np.allclose(dist.groupby("group")["p"].sum(), 1.0)
