@@ -57,6 +57,15 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import run_sweep
+
+    summary = run_sweep(args.config, args.out, backend=args.backend, address=args.address,
+                        max_jobs=args.max_jobs)
+    print(summary)
+    return 1 if summary.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fiberbench", description="What is a vision model blind to?")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -88,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=_cmd_bench)
+
+    q = sub.add_parser("sweep", help="run the missing jobs of a YAML/TOML sweep into a results store")
+    q.add_argument("config", help="sweep file (.yaml/.yml/.toml), see fiberbench.sweep")
+    q.add_argument("--out", required=True, help="results store folder (shared by all Ray nodes)")
+    q.add_argument("--backend", choices=["local", "ray"], default="local")
+    q.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray instance)")
+    q.add_argument("--max-jobs", type=int, default=None, help="compute at most this many jobs, then stop")
+    q.set_defaults(fn=_cmd_sweep)
     return p
 
 
