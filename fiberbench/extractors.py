@@ -10,6 +10,8 @@ size, normalise with its mean/std) *inside the graph*, so gradients reach the
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,15 +32,28 @@ class Extractor(nn.Module):
         input_size: side the model expects (``None``: any size, no resize).
         mean, std: per-channel normalisation applied after resizing.
         forward_fn: optional ``fn(model, x) -> features`` overriding the layer logic.
+        resize: ``"squash"`` (resize both sides) or ``"shortest"`` (short side, aspect kept).
+        resize_size: side to resize to before a centre crop to ``input_size`` (``None``: no crop,
+            squash straight to ``input_size``).
+        runner: optional ``fn(model, x)`` that runs the network for ``logits``/``embed`` and for
+            module hooks (e.g. ``m.encode_image(x)`` for CLIP); default ``model(x)``.
     """
 
     def __init__(self, model: nn.Module, *, spec: str, layer: str = "logits", input_size: int | None = None,
                  mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
                  interpolation: str = "bilinear", forward_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
-                 card: dict[str, Any] | None = None, classes: list[str] | None = None):
+                 card: dict[str, Any] | None = None, classes: list[str] | None = None, resize: str = "squash",
+                 resize_size: int | None = None, runner: Callable[[nn.Module, torch.Tensor], Any] | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.spec, self.layer, self.input_size, self.interpolation = spec, layer, input_size, interpolation
+        if resize not in ("squash", "shortest"):
+            raise ConfigError(f"{spec}: resize must be 'squash' or 'shortest', got {resize!r}")
+        # resize="squash" + resize_size=None is the plain square resize; otherwise resize (the short
+        # side to resize_size for "shortest", both sides for "squash") then centre-crop input_size,
+        # as timm / open_clip / transformers eval transforms do.
+        self.resize, self.resize_size = resize, resize_size
+        self.runner = runner
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.forward_fn = forward_fn
@@ -69,6 +84,8 @@ class Extractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"{self.spec}: expected images [N,3,H,W] in [0,1], got shape {tuple(images.shape)}")
         x = images.to(self.mean.dtype)
+        if self.input_size is not None and (self.resize != "squash" or self.resize_size is not None):
+            return (self._resize_crop(x) - self.mean) / self.std
         if self.input_size is not None and tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.interpolation,
                               align_corners=False, antialias=self.interpolation in ("bilinear", "bicubic")
@@ -78,17 +95,45 @@ class Extractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features ``[N, D]`` of images ``[N,3,H,W]`` in [0,1]."""
         x = self.preprocess(images)
+        run = self.runner or (lambda m, inp: m(inp))
         if self.forward_fn is not None:
             out = self.forward_fn(self.model, x)
         elif self.layer in ("logits", "embed"):
-            out = self.model(x)
+            out = run(self.model, x)
         elif self.layer == "pre_logits":
             out = self.pre_logits(x, preprocessed=True)
         else:
             self._hooked = None
-            self.model(x)
+            run(self.model, x)
             out, self._hooked = self._hooked, None
+            if out is None:
+                raise ConfigError(f"{self.spec}: module {self.layer!r} was not run by the forward pass "
+                                  f"(e.g. a text-tower module of a CLIP image extractor)")
         return out.flatten(1).float()
+
+    def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize (short side or both sides) to ``resize_size``, then centre-crop ``input_size`` (torchvision's rounding)."""
+        size = self.input_size
+        rs = self.resize_size or size
+        h, w = x.shape[-2:]
+        if self.resize == "shortest":
+            short, long = (h, w) if h <= w else (w, h)
+            new_long = int(rs * long / short)
+            nh, nw = (rs, new_long) if h <= w else (new_long, rs)
+        else:
+            nh, nw = rs, rs
+        if (nh, nw) != (h, w):
+            mode = self.interpolation if self.interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+            x = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=None if mode == "nearest" else False,
+                              antialias=mode != "nearest")
+        if (nh, nw) != (size, size):
+            if nh < size or nw < size:  # as torchvision's CenterCrop: pad with zeros
+                ph, pw = max(size - nh, 0), max(size - nw, 0)
+                x = F.pad(x, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2))
+                nh, nw = x.shape[-2:]
+            top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+            x = x[..., top:top + size, left:left + size]
+        return x
 
     def pre_logits(self, images: torch.Tensor, preprocessed: bool = False) -> torch.Tensor:
         """Input of the classifier head ``[N, D]`` (timm models)."""
@@ -126,29 +171,57 @@ def load_toy_extractor(name: str, layer: str | None, device="cpu") -> Extractor:
 
 
 def load_timm_extractor(name: str, layer: str | None, device="cpu", pretrained: bool = True,
-                        checkpoint: str | None = None, **kwargs) -> Extractor:
-    """Any timm model; preprocessing from its ``pretrained_cfg`` (input size, mean, std, interpolation)."""
-    import timm
+                        checkpoint: str | None = None, cache_dir: str | None = None, **kwargs) -> Extractor:
+    """Any timm model as an Extractor, with the preprocessing of its ``pretrained_cfg``.
 
+    ``name``: a timm model name (``resnet50.a1_in1k``; weights from the local Hugging Face
+    cache), ``hf-hub:<repo>``, ``local-dir:<folder>`` or a folder written by
+    ``timm.models.save_for_hf`` (``config.json`` + ``model.safetensors``). ``layer``:
+    ``logits`` (default), ``pre_logits`` or any module name (forward hook, e.g. ``layer3``,
+    ``blocks.5``). ``checkpoint``: a ``.safetensors`` / plain state-dict file (read with
+    ``weights_only=True``) loaded instead of the hub weights; other kwargs go to
+    ``timm.create_model`` (e.g. ``num_classes``). Preprocessing follows timm's eval
+    transform (``timm.data.resolve_data_config``): resize the short side to
+    ``input_size / crop_pct``, centre-crop ``input_size`` (or squash for ``crop_mode='squash'``),
+    normalise; done differentiably on [0,1] images of any size.
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    from .hub import is_missing_weights, weights_unavailable
+
+    model_name = f"local-dir:{name}" if Path(name).is_dir() else name
+    base = model_name.split(":", 1)[1] if model_name.startswith(("hf-hub:", "local-dir:")) else model_name
+    spec = f"timm/{name}"
+    if not model_name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(base.split(".")[0]) \
+            and not timm.is_model(base):
+        hint = timm.list_models(f"*{base.split('.')[0]}*")[:8] or close_matches(base, timm.list_models())
+        raise ConfigError(f"unknown timm model {base!r} in {spec!r}; similar: {hint}")
     try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, **kwargs)
-    except RuntimeError as e:
-        raise ConfigError(f"timm model {name!r}: {e}") from e
+        model = timm.create_model(model_name, pretrained=pretrained and checkpoint is None,
+                                  **({"cache_dir": cache_dir} if cache_dir else {}), **kwargs)
     except Exception as e:  # noqa: BLE001 - hub/network errors: one readable message
-        if "Unknown model" in str(e):
-            hint = timm.list_models(f"*{name.split('.')[0]}*")[:8]
-            raise ConfigError(f"unknown timm model {name!r}; similar: {hint}") from e
-        raise ConfigError(
-            f"cannot load weights for timm/{name}: {type(e).__name__}: {e}. Without network, pre-download with "
-            f"`huggingface-cli download timm/{name}` (cache: ~/.cache/huggingface/hub) or pass checkpoint=") from e
+        if is_missing_weights(e):
+            repo = base if model_name.startswith("hf-hub:") else f"timm/{base}"
+            raise weights_unavailable(spec, repo, e, cache_dir) from None
+        raise ConfigError(f"cannot build timm model {spec}: {type(e).__name__}: {e}") from e
     if checkpoint is not None:
         from .io import load_state_dict
-        model.load_state_dict(load_state_dict(checkpoint))
-    cfg = model.pretrained_cfg or {}
-    size = cfg.get("input_size", (3, 224, 224))[-1]
+        try:
+            model.load_state_dict(load_state_dict(checkpoint))
+        except RuntimeError as e:
+            raise ConfigError(f"{spec}: checkpoint {checkpoint} does not fit the model: {str(e)[:500]}") from e
+    data = resolve_data_config({}, model=model)
+    size = int(data["input_size"][-1])
+    crop_pct = data.get("crop_pct") or 0.875
+    crop_mode = data.get("crop_mode") or "center"
+    interp = data.get("interpolation", "bilinear")
+    interp = interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic"
     layer = layer or "logits"
-    return Extractor(model, spec=f"timm/{name}@{layer}", layer=layer, input_size=size,
-                     mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)),
-                     interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
-                     card={"pretrained_cfg": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, tuple, list))}}
-                     ).to(device)
+    cfg = model.pretrained_cfg or {}
+    return Extractor(model, spec=f"timm/{name}@{layer}", layer=layer, input_size=size, mean=data["mean"],
+                     std=data["std"], interpolation=interp, resize="squash" if crop_mode == "squash" else "shortest",
+                     resize_size=int(math.floor(size / crop_pct)),
+                     card={"data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()},
+                           "pretrained_cfg": {k: v for k, v in cfg.items()
+                                              if isinstance(v, (str, int, float, tuple, list))}}).to(device)

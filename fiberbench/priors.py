@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, close_matches
 
 
 @dataclass
@@ -297,16 +297,19 @@ class LatentPrior(PixelPrior):
         ch = getattr(c, "in_channels", None)
         return (ch, size, size)
 
+    # conditioning of the denoiser: ``cond`` (fixed text embedding / class label), and for
+    # classifier-free guidance an ``uncond`` set and a ``guidance_scale`` (1 = no CFG)
+    uncond: dict[str, torch.Tensor] | None = None
+    guidance_scale: float = 1.0
+
     def model_output(self, x_t, t):
-        n = x_t.shape[0]
-        tt = t.to(x_t.device).expand(n)
-        kwargs = {k: v.to(x_t.device, x_t.dtype).expand(n, *v.shape[1:]) for k, v in self.cond.items()}
-        name = type(self.unet).__name__
-        if "Transformer" in name:
-            return self.unet(hidden_states=x_t, timestep=tt, **kwargs).sample
-        if kwargs:
-            return self.unet(x_t, tt, **kwargs).sample
-        return self.unet(x_t, tt).sample
+        """Denoiser output at (x_t, t): UNet2D(Condition)Model, DiT (class label) or SD3 transformer.
+
+        Learned-variance outputs (2C channels, DiT) are cut to the first C; with
+        ``guidance_scale != 1`` the conditional and unconditional calls are batched
+        and combined as ``u + g (c - u)``.
+        """
+        return call_denoiser(self.unet, x_t, t, self.cond, self.uncond, self.guidance_scale)
 
     def decode(self, x0):
         z = x0 / self.scaling_factor + self.shift_factor
@@ -339,66 +342,258 @@ def load_toy_prior(name: str, device="cpu") -> PixelPrior:
                       card=card).to(device)
 
 
-def load_diffusers_prior(path: str, *, spec: str | None = None, device="cpu", torch_dtype=None,
-                         prompt: str = "", class_label: int | None = None) -> Prior:
-    """A prior from a diffusers pipeline folder (or hub id already in the local cache).
+def call_denoiser(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
+                  uncond: dict[str, torch.Tensor] | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
+    """One call of a diffusers denoiser on ``x_t [N,C,H,W]`` at scalar model time ``t`` -> ``[N,C,H,W]``.
 
-    Supports ``UNet2DModel`` pixel pipelines (DDPM/DDIM), latent ``UNet2DModel`` +
-    ``AutoencoderKL`` (LDM), Stable-Diffusion-style ``UNet2DConditionModel``
-    (with the prompt's text embedding, empty by default) and SD3-style
-    transformers with a flow-matching scheduler. Components are loaded one by
-    one (never a pipeline ``__call__``, which runs under ``no_grad``).
+    ``cond``/``uncond``: keyword tensors with batch 1 (``encoder_hidden_states``,
+    ``pooled_projections``, ``class_labels``), broadcast to N. The input is cast to
+    the network's dtype (``torch_dtype`` loading); the output keeps that dtype.
+    """
+    cond = dict(cond or {})
+    guided = bool(uncond) and float(guidance_scale) != 1.0
+    n, c = x_t.shape[0], x_t.shape[1]
+    wdtype = next(net.parameters()).dtype
+    x = x_t.to(wdtype) if x_t.dtype != wdtype and not torch.is_autocast_enabled(x_t.device.type) else x_t
+    m = 2 * n if guided else n
+
+    def batch(v: torch.Tensor, k: int) -> torch.Tensor:
+        v = v.to(x.device, x.dtype) if v.is_floating_point() else v.to(x.device)
+        return v.expand(k, *v.shape[1:])
+
+    if guided:
+        x = torch.cat([x, x])
+        kwargs = {k: torch.cat([batch(cond[k], n), batch(uncond[k], n)]) for k in cond}
+    else:
+        kwargs = {k: batch(v, n) for k, v in cond.items()}
+    tt = t.to(x.device).float().reshape(-1)[:1].expand(m)
+    if "Transformer" in type(net).__name__:
+        out = net(hidden_states=x, timestep=tt, return_dict=False, **kwargs)[0]
+    else:
+        out = net(x, tt, return_dict=False, **kwargs)[0]
+    if out.shape[1] == 2 * c:  # learned variance (DiT, IDDPM): keep the mean prediction
+        out = out[:, :c]
+    if guided:
+        oc, ou = out.chunk(2)
+        out = ou + float(guidance_scale) * (oc - ou)
+    return out
+
+
+class DiffusersPixelPrior(PixelPrior):
+    """A pixel ``UNet2DModel`` from a diffusers pipeline (any ``torch_dtype``; class-conditional UNets too)."""
+
+    def __init__(self, unet, scheduler, *, cond: dict[str, torch.Tensor] | None = None, **kwargs):
+        super().__init__(unet, scheduler, **kwargs)
+        self.cond = dict(cond or {})
+
+    def model_output(self, x_t, t):
+        return call_denoiser(self.unet, x_t, t, self.cond)
+
+
+class VQLatentPrior(LatentPrior):
+    """A latent prior on a ``VQModel`` (LDM): decode quantises with the straight-through estimator."""
+
+    def decode(self, x0):
+        img = self.vae.decode((x0 / self.scaling_factor).to(self.vae.dtype)).sample.to(x0.dtype)
+        return ((img + 1) / 2).clamp(0, 1)
+
+    def encode(self, images):
+        h = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latents
+        return (h * self.scaling_factor).to(images.dtype)
+
+
+def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The weights-dtype keyword of ``DiffusionPipeline.from_pretrained``: ``dtype`` where the installed
+    diffusers reads it (``torch_dtype`` is deprecated there, diffusers PR #14205), else ``torch_dtype``."""
+    import inspect
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        new = 'kwargs.pop("dtype"' in inspect.getsource(DiffusionPipeline.from_pretrained)
+    except (OSError, TypeError):
+        new = False
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
+# pipeline components fiberbench never needs (never loaded)
+_SKIP_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def load_diffusers_prior(path: str, *, spec: str | None = None, device="cpu", torch_dtype=None,
+                         prompt: str = "", negative_prompt: str = "", guidance_scale: float = 1.0,
+                         class_label: int | str | None = None, vae_slicing: bool = True, vae_tiling: bool = False,
+                         gradient_checkpointing: bool = False, text_encoder_device: str = "cpu",
+                         drop_t5: bool = False, max_sequence_length: int = 256, cache_dir=None,
+                         revision: str | None = None, variant: str | None = None,
+                         trust_remote_code: bool = False) -> Prior:
+    """A prior from a diffusers pipeline folder (``save_pretrained`` layout) or a hub id in the local cache.
+
+    Supported (all through the same :class:`Prior` interface):
+
+    - pixel ``UNet2DModel`` pipelines (DDPM/DDIM, e.g. ``google/ddpm-cifar10-32``);
+    - latent ``UNet2DModel`` + ``VQModel`` / ``AutoencoderKL`` (LDM);
+    - Stable-Diffusion-style ``UNet2DConditionModel`` + ``AutoencoderKL`` + CLIP text encoder,
+      conditioned on ``prompt`` (empty by default);
+    - DiT (``DiTTransformer2DModel`` / ``Transformer2DModel``) conditioned on ``class_label``
+      (an index or a label name; default: the null class, i.e. unconditional);
+    - SD3-style ``SD3Transformer2DModel`` with a flow-matching scheduler (empty prompt by
+      default; ``drop_t5=True`` skips the T5 encoder, as diffusers allows).
+
+    Args:
+        torch_dtype: weights dtype (default float32); the sampler's ``dtype=`` autocast is separate.
+        guidance_scale: classifier-free guidance for prompts / classes (1 = off; > 1 doubles the cost).
+        vae_slicing: decode a batch one image at a time (memory; no effect on values).
+        vae_tiling: tiled VAE decoding (off by default: tiling shifts the tone at tile borders).
+        gradient_checkpointing: recompute denoiser/VAE activations in the backward pass.
+        text_encoder_device: where the text encoders run. They run once at load time and are
+            then freed, so the CPU (default) keeps them off the accelerator: this is the
+            model-CPU-offload that fits a guided sampler (the denoiser and the VAE alternate in
+            every inner step, so offloading those would move their weights at every call).
+        cache_dir, revision, variant: as in ``DiffusionPipeline.from_pretrained``.
+        trust_remote_code: off unless passed (custom pipeline code is never run by default).
+
+    Weights: safetensors when present, otherwise ``torch.load(weights_only=True)`` (diffusers'
+    and transformers' own loaders). Components are taken out of the pipeline object; its
+    ``__call__`` (which runs under ``no_grad``) is never used.
     """
     import json
     from pathlib import Path
 
-    import diffusers
+    from diffusers import DiffusionPipeline
 
-    root = Path(path)
-    if not (root / "model_index.json").exists():
-        from huggingface_hub import snapshot_download
+    from .hub import is_missing_weights, weights_unavailable
 
-        try:
-            root = Path(snapshot_download(path, local_files_only=True))
-        except Exception as e:  # noqa: BLE001 - hub errors vary by version
-            raise ConfigError(
-                f"cannot load diffusers prior {path!r}: no local folder and not in the Hugging Face cache "
-                f"(~/.cache/huggingface/hub). Download it first, e.g. `huggingface-cli download {path}`.") from e
-    index = json.loads((root / "model_index.json").read_text())
+    spec = spec or f"diffusers/{path}"
     dtype = torch_dtype or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConfigError(f"{spec}: unknown torch_dtype {torch_dtype!r}")
+    root = Path(path)
+    local = (root / "model_index.json").exists()
+    if root.exists() and root.is_dir() and not local:
+        raise ConfigError(f"{spec}: folder {root} has no model_index.json (not a diffusers pipeline folder)")
+    grad_mode = torch.is_grad_enabled()
+    try:
+        if not local:  # a hub id: the snapshot in the local cache (downloaded first only when online)
+            root = Path(DiffusionPipeline.download(path, cache_dir=cache_dir, revision=revision, variant=variant,
+                                                   trust_remote_code=trust_remote_code))
+        index = json.loads((root / "model_index.json").read_text())
+        skip = {k: None for k, v in index.items()
+                if k in _SKIP_COMPONENTS or (drop_t5 and k in ("text_encoder_3", "tokenizer_3"))
+                or (isinstance(v, list) and v and v[0] is None)}
+        pipe = DiffusionPipeline.from_pretrained(
+            str(root), **_dtype_kwarg(dtype), use_safetensors=None, variant=variant,
+            trust_remote_code=trust_remote_code, **skip)
+    except Exception as e:  # noqa: BLE001 - hub errors vary by version: one readable message
+        if not local and is_missing_weights(e):
+            raise weights_unavailable(spec, path, e, cache_dir) from None
+        raise ConfigError(f"cannot load diffusers pipeline {spec}: {type(e).__name__}: {e}") from e
+    finally:
+        torch.set_grad_enabled(grad_mode)  # some diffusers releases switched grads off while loading (#13790)
 
-    def load(component: str):
-        cls = getattr(diffusers, index[component][1])
-        if issubclass(cls, diffusers.ModelMixin):
-            return cls.from_pretrained(root / component, torch_dtype=dtype, use_safetensors=None)
-        return cls.from_pretrained(root / component)
-
-    sched = getattr(diffusers, index["scheduler"][1]).from_pretrained(root / "scheduler")
+    comps = pipe.components
+    denoiser = comps.get("transformer") or comps.get("unet")
+    if denoiser is None:
+        raise ConfigError(f"{spec}: pipeline {type(pipe).__name__} has no unet/transformer "
+                          f"(components: {sorted(k for k, v in comps.items() if v is not None)})")
+    sched = comps.get("scheduler")
     flow = "FlowMatch" in type(sched).__name__
     kind = "flow" if flow else "diffusion"
     pred = "flow" if flow else sched.config.get("prediction_type", "epsilon")
-    denoiser_key = "transformer" if "transformer" in index else "unet"
-    denoiser = load(denoiser_key)
-    spec = spec or f"diffusers/{path}"
-    if "vae" not in index and "vqvae" not in index:
-        return PixelPrior(denoiser, sched, kind=kind, prediction_type=pred, spec=spec).to(device)
-    vae = load("vae" if "vae" in index else "vqvae")
-    cond = {}
-    if "text_encoder" in index and index.get("text_encoder", [None])[0]:
-        cond = _encode_prompt(root, index, prompt, dtype)
-    return LatentPrior(denoiser, vae, sched, kind=kind, prediction_type=pred, cond=cond, spec=spec).to(device)
+    if gradient_checkpointing and getattr(denoiser, "_supports_gradient_checkpointing", False):
+        denoiser.enable_gradient_checkpointing()
+    vae = comps.get("vae") or comps.get("vqvae")
+    card = {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__, "scheduler": type(sched).__name__,
+            "vae": type(vae).__name__ if vae is not None else None, "torch_dtype": str(dtype),
+            "gradient_checkpointing": gradient_checkpointing, "vae_slicing": vae_slicing, "vae_tiling": vae_tiling}
+
+    cond, uncond = _condition(pipe, denoiser, spec, prompt=prompt, negative_prompt=negative_prompt,
+                              guidance_scale=guidance_scale, class_label=class_label,
+                              text_encoder_device=text_encoder_device, max_sequence_length=max_sequence_length)
+    card.update(prompt=prompt if "encoder_hidden_states" in cond else None, guidance_scale=guidance_scale,
+                class_label=int(cond["class_labels"][0]) if "class_labels" in cond else None)
+    del pipe, comps  # frees the text encoders
+    if vae is None:
+        if cond and "class_labels" not in cond:
+            raise ConfigError(f"{spec}: text-conditioned pixel pipelines are not supported")
+        prior = DiffusersPixelPrior(denoiser, sched, cond=cond, kind=kind, prediction_type=pred, spec=spec, card=card)
+        return prior.to(device)
+    if hasattr(vae, "use_slicing"):
+        vae.use_slicing = bool(vae_slicing)
+    if vae_tiling:
+        if not hasattr(vae, "enable_tiling"):
+            raise ConfigError(f"{spec}: {type(vae).__name__} has no tiled decoding")
+        vae.enable_tiling()
+    if gradient_checkpointing and getattr(vae, "_supports_gradient_checkpointing", False):
+        vae.enable_gradient_checkpointing()
+    cls = VQLatentPrior if type(vae).__name__ == "VQModel" else LatentPrior
+    prior = cls(denoiser, vae, sched, kind=kind, prediction_type=pred, cond=cond, spec=spec, card=card)
+    if uncond:
+        prior.uncond, prior.guidance_scale = uncond, float(guidance_scale)
+    return prior.to(device)
 
 
-def _encode_prompt(root, index, prompt: str, dtype) -> dict[str, torch.Tensor]:
-    """Text conditioning of SD-style (CLIP text encoder) pipelines: ``encoder_hidden_states`` [1,L,D]."""
-    import transformers
+def _condition(pipe, denoiser, spec: str, *, prompt: str, negative_prompt: str, guidance_scale: float,
+               class_label, text_encoder_device: str, max_sequence_length: int):
+    """``(cond, uncond)`` keyword tensors (batch 1) for the denoiser: text embeddings or a class label."""
+    cfg = denoiser.config
+    comps = pipe.components
+    cfg_on = float(guidance_scale) != 1.0
+    if comps.get("text_encoder") is not None or comps.get("text_encoder_2") is not None:
+        return _encode_prompt(pipe, prompt, negative_prompt, cfg_on, text_encoder_device, max_sequence_length)
+    if prompt:
+        raise ConfigError(f"{spec} has no text encoder; prompt={prompt!r} cannot be used")
+    n_classes = getattr(cfg, "num_embeds_ada_norm", None) or getattr(cfg, "num_class_embeds", None)
+    if n_classes:
+        null = int(getattr(cfg, "num_embeds_ada_norm", None) or 0)  # DiT: index n_classes is the dropped label
+        if class_label is None:
+            if not getattr(cfg, "num_embeds_ada_norm", None):
+                raise ConfigError(f"{spec} is class-conditional ({n_classes} classes) without a null class; "
+                                  f"pass class_label=")
+            label = null
+        elif isinstance(class_label, str):
+            labels = getattr(pipe, "labels", None) or {}
+            if class_label not in labels:
+                hint = close_matches(class_label, list(labels))
+                raise ConfigError(f"{spec}: unknown class label {class_label!r}"
+                                  + (f"; did you mean {hint}?" if hint else f"; {len(labels)} labels known"))
+            label = int(labels[class_label])
+        else:
+            label = int(class_label)
+            if not 0 <= label < n_classes:
+                raise ConfigError(f"{spec}: class_label must be in [0, {n_classes}), got {label}")
+        cond = {"class_labels": torch.tensor([label], dtype=torch.long)}
+        uncond = {"class_labels": torch.tensor([null], dtype=torch.long)} if cfg_on and null else None
+        return cond, uncond
+    if class_label is not None:
+        raise ConfigError(f"{spec} is not class-conditional; class_label={class_label!r} cannot be used")
+    return {}, None
 
-    tok_cls = getattr(transformers, index["tokenizer"][1])
-    enc_cls = getattr(transformers, index["text_encoder"][1])
-    tok = tok_cls.from_pretrained(root / "tokenizer")
-    enc = enc_cls.from_pretrained(root / "text_encoder", torch_dtype=dtype).eval()
-    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
+
+def _encode_prompt(pipe, prompt: str, negative_prompt: str, cfg_on: bool, device: str,
+                   max_sequence_length: int = 256) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Text conditioning with the pipeline's own ``encode_prompt`` (SD: CLIP; SD3: CLIP-L + CLIP-G [+ T5]).
+
+    The text encoders run once on ``device`` under ``no_grad``; returns
+    ``({"encoder_hidden_states" [1,L,D], ("pooled_projections" [1,P])}, same for the negative prompt or None)``.
+    """
+    comps = pipe.components
+    encoders = [v for k, v in comps.items() if k.startswith("text_encoder") and v is not None]
+    for enc in encoders:
+        enc.to(device)
     with torch.no_grad():
-        out = enc(ids)
-    return {"encoder_hidden_states": out[0]}
+        if "transformer" in comps and "text_encoder_2" in comps:  # SD3
+            pe, npe, pooled, npooled = pipe.encode_prompt(
+                prompt=prompt, prompt_2=None, prompt_3=None, device=torch.device(device),
+                do_classifier_free_guidance=cfg_on, negative_prompt=negative_prompt,
+                max_sequence_length=max_sequence_length)
+            cond = {"encoder_hidden_states": pe, "pooled_projections": pooled}
+            uncond = {"encoder_hidden_states": npe, "pooled_projections": npooled} if cfg_on else None
+        else:  # SD 1.x / 2.x
+            pe, npe = pipe.encode_prompt(prompt, torch.device(device), 1, cfg_on, negative_prompt=negative_prompt)
+            cond = {"encoder_hidden_states": pe}
+            uncond = {"encoder_hidden_states": npe} if cfg_on else None
+    detach = lambda d: None if d is None else {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+    return detach(cond), detach(uncond)

@@ -25,21 +25,37 @@ from .errors import ConfigError, close_matches
 
 SOURCES = ("toy", "timm", "open_clip", "hf", "torch", "diffusers")
 
-# Known-good real specs (need the weights in the local Hugging Face cache or a network).
+# Known-good real specs (weights from the local Hugging Face cache; pre-download with `hf download <repo>`).
+# "size" counts the parameters of what fiberbench runs (prior: denoiser + VAE; text encoders run once at load).
 REAL_MODELS: list[dict[str, str]] = [
-    {"spec": "timm/resnet50.a1_in1k", "kind": "extractor", "for": "ImageNet classifier (SING Table 1)", "size": "25.6 M params"},
-    {"spec": "timm/efficientnet_b0.ra_in1k", "kind": "extractor", "for": "ImageNet classifier", "size": "5.3 M params"},
-    {"spec": "timm/resnext101_32x8d.tv_in1k", "kind": "extractor", "for": "ImageNet classifier (SING Table 1)", "size": "88.8 M params"},
-    {"spec": "timm/vit_small_patch16_224.dino", "kind": "extractor", "for": "self-supervised DINO ViT-S/16", "size": "21.7 M params"},
-    {"spec": "timm/vit_small_patch14_dinov2.lvd142m", "kind": "extractor", "for": "self-supervised DINOv2 ViT-S/14", "size": "22.1 M params"},
-    {"spec": "hf/facebook/dinov2-small", "kind": "extractor", "for": "DINOv2 via transformers (CLS token)", "size": "22.1 M params"},
-    {"spec": "open_clip/ViT-B-32:laion2b_s34b_b79k", "kind": "clip", "for": "CLIP scorer / image-tower extractor", "size": "151 M params"},
-    {"spec": "open_clip/hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "kind": "clip", "for": "medical CLIP (X-ray, pathology)", "size": "196 M params"},
-    {"spec": "diffusers/google/ddpm-cifar10-32", "kind": "prior", "for": "pixel DDPM, 32x32 natural images", "size": "35.7 M params"},
-    {"spec": "diffusers/google/ddpm-ema-church-256", "kind": "prior", "for": "pixel DDPM, 256x256 churches", "size": "114 M params"},
-    {"spec": "diffusers/CompVis/ldm-celebahq-256", "kind": "prior", "for": "latent DDPM (VQ/KL VAE), faces", "size": "274 M params"},
-    {"spec": "diffusers/stabilityai/stable-diffusion-2-1-base", "kind": "prior", "for": "latent SD, empty prompt", "size": "866 M params"},
-    {"spec": "diffusers/stabilityai/stable-diffusion-3-medium-diffusers", "kind": "prior", "for": "flow-matching transformer (SD3)", "size": "2 B params"},
+    {"spec": "timm/resnet50.a1_in1k", "kind": "extractor", "size": "25.6 M",
+     "for": "ImageNet classifier (SING Table 1 ResNet50); 224 px, crop 0.95"},
+    {"spec": "timm/efficientnet_b0.ra_in1k", "kind": "extractor", "size": "5.3 M",
+     "for": "ImageNet classifier (SING: EfficientNet), small and fast; 224 px"},
+    {"spec": "timm/resnext101_32x8d.tv_in1k", "kind": "extractor", "size": "88.8 M",
+     "for": "ImageNet classifier (SING Table 1 ResNeXt101); 224 px"},
+    {"spec": "timm/vit_small_patch16_224.dino", "kind": "extractor", "size": "21.7 M",
+     "for": "self-supervised DINO ViT-S/16 (SING: DINO-ViT); no head, @logits is the 384-d embedding"},
+    {"spec": "timm/vit_small_patch14_dinov2.lvd142m", "kind": "extractor", "size": "22.1 M",
+     "for": "self-supervised DINOv2 ViT-S/14; note: 518 px input (slow on CPU)"},
+    {"spec": "hf/facebook/dinov2-small", "kind": "extractor", "size": "22.1 M",
+     "for": "DINOv2 ViT-S/14 via transformers; @pooled = CLS token, 224 px crop"},
+    {"spec": "open_clip/ViT-B-32:laion2b_s34b_b79k", "kind": "clip", "size": "151 M (image 88 M)",
+     "for": "CLIP scorer for natural images; also an image-tower extractor"},
+    {"spec": "open_clip/hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "kind": "clip",
+     "size": "196 M (image 86 M)", "for": "medical CLIP scorer (X-ray, CT, pathology); PubMedBERT text tower"},
+    {"spec": "diffusers/google/ddpm-cifar10-32", "kind": "prior", "size": "35.7 M",
+     "for": "pixel DDPM, 32x32 natural images (CIFAR-10); CPU-friendly"},
+    {"spec": "diffusers/google/ddpm-ema-church-256", "kind": "prior", "size": "114 M",
+     "for": "pixel DDPM, 256x256 churches (LSUN)"},
+    {"spec": "diffusers/CompVis/ldm-celebahq-256", "kind": "prior", "size": "274 M + VQ-VAE 55 M",
+     "for": "latent DDPM on a VQ-f4 autoencoder, 256x256 faces"},
+    {"spec": "diffusers/facebook/DiT-XL-2-256", "kind": "prior", "size": "675 M + VAE 84 M",
+     "for": "class-conditional ImageNet 256 latent DiT (class_label=, default unconditional)"},
+    {"spec": "diffusers/stabilityai/stable-diffusion-2-1-base", "kind": "prior", "size": "866 M + VAE 84 M",
+     "for": "latent SD 2.1, 512 px, empty prompt (prompt= optional); text encoder 340 M at load"},
+    {"spec": "diffusers/stabilityai/stable-diffusion-3-medium-diffusers", "kind": "prior", "size": "2.0 B + VAE 84 M",
+     "for": "flow-matching MMDiT (SD3), 1024 px; gated licence; drop_t5=True skips the 4.7 B T5 encoder"},
 ]
 
 
@@ -126,12 +142,14 @@ def load_extractor(spec: str, device: str = "cpu", **kwargs: Any):
     if s.source == "timm":
         return E.load_timm_extractor(s.name, s.layer, device=device, **kwargs)
     if s.source == "open_clip":
-        from .semantics import load_open_clip_extractor
+        from .hub import load_open_clip_extractor
         return load_open_clip_extractor(s.name, s.layer, device=device, **kwargs)
     if s.source == "hf":
-        return E.load_hf_extractor(s.name, s.layer, device=device, **kwargs)
+        from .hub import load_hf_extractor
+        return load_hf_extractor(s.name, s.layer, device=device, **kwargs)
     if s.source == "torch":
-        return E.load_torch_extractor(s.name, s.layer, device=device, **kwargs)
+        from .hub import load_torch_extractor
+        return load_torch_extractor(s.name, s.layer, device=device, **kwargs)
     raise ConfigError(f"{spec!r} names a {s.source} model, which is not a feature extractor "
                       f"(extractors come from toy, timm, open_clip, hf, torch)")
 
@@ -162,5 +180,6 @@ def load_clip(spec: str = "toy/clip", device: str = "cpu", **kwargs: Any):
             raise _unknown_toy(s.name, "clip")
         return S.load_toy_clip(s.name, device=device)
     if s.source == "open_clip":
-        return S.load_open_clip(s.name, device=device, **kwargs)
+        from .hub import load_open_clip
+        return load_open_clip(s.name, device=device, **kwargs)
     raise ConfigError(f"{spec!r} is not a CLIP model; use 'toy/clip' or 'open_clip/<arch>:<pretrained>'")
