@@ -27,7 +27,8 @@ class GaussianPrior(Prior):
     linearly (``(x + 1) / 2``, not clamped, so the algebra stays linear).
     """
 
-    def __init__(self, mu: torch.Tensor, std: torch.Tensor, kind: str = "diffusion", scheduler=None):
+    def __init__(self, mu: torch.Tensor, std: torch.Tensor, kind: str = "diffusion", scheduler=None,
+                 prediction_type: str = "sample"):
         super().__init__()
         from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -35,7 +36,7 @@ class GaussianPrior(Prior):
         self.register_buffer("std", std.float())
         self.kind = kind
         self.spec = f"analytic/gaussian-{kind}"
-        self.prediction_type = "sample"
+        self.prediction_type = prediction_type
         self.clamp_range = None
         if scheduler is None:
             scheduler = FlowMatchEulerDiscreteScheduler() if kind == "flow" else DDPMScheduler(
@@ -52,11 +53,28 @@ class GaussianPrior(Prior):
     def image_size(self) -> int:
         return self.mu.shape[-1]
 
-    def model_output(self, x_t, t):
+    def posterior_mean(self, x_t, t):
+        """Exact ``E[x0 | x_t]``."""
         a, s = self.alpha_sigma(t)
         a, s = a.to(x_t), s.to(x_t)
         var = self.std ** 2
         return self.mu + a * var / (a ** 2 * var + s ** 2) * (x_t - a * self.mu)
+
+    def model_output(self, x_t, t):
+        """The exact network output for ``prediction_type`` (sample, epsilon, v_prediction or flow)."""
+        x0 = self.posterior_mean(x_t, t)
+        a, s = self.alpha_sigma(t)
+        a, s = a.to(x_t), s.to(x_t)
+        eps = (x_t - a * x0) / s
+        if self.prediction_type == "sample":
+            return x0
+        if self.prediction_type == "epsilon":
+            return eps
+        if self.prediction_type == "v_prediction":
+            return a * eps - s * x0
+        if self.prediction_type == "flow":
+            return eps - x0
+        raise ValueError(f"unknown prediction type {self.prediction_type!r}")
 
     def decode(self, x0):
         return (x0 + 1) / 2

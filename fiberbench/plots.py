@@ -416,7 +416,7 @@ def change_rates(stats: pd.DataFrame, *, x: str = "class", y: str = "mean", colo
 
 
 def _strip_changed(frame: pd.DataFrame, col: str | None) -> pd.DataFrame:
-    if col and col in frame.columns and frame[col].dtype == object:
+    if col and col in frame.columns and not pd.api.types.is_numeric_dtype(frame[col]):
         frame = frame.assign(**{col: frame[col].astype(str).str.replace(r"_changed$", "", regex=True)})
     return frame
 

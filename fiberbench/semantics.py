@@ -464,3 +464,42 @@ def summarize_fiber(frame: "pd.DataFrame", prior: "pd.DataFrame | None" = None, 
 def change_rates(summary: "pd.DataFrame", by: Sequence[str] = ("extractor", "group")) -> "pd.DataFrame":
     """Mean change rate and entropy ratio per ``by`` (default: per extractor and attribute group)."""
     return summary.groupby(list(by), sort=True)[["change_rate", "entropy_ratio"]].mean().reset_index()
+
+
+def change_rate_agreement(clip_frame: "pd.DataFrame", oracle_frame: "pd.DataFrame",
+                          groups: Sequence[str] = ("shape", "color", "background", "size"),
+                          by: Sequence[str] = ("extractor",)) -> "pd.DataFrame":
+    """How well CLIP-based change rates rank the attribute groups like the oracle's ground truth.
+
+    Args:
+        clip_frame, oracle_frame: per-sample frames of the *same* fibers from
+            :func:`score_fiber` and :func:`score_fiber_oracle`.
+        groups: attribute groups present in both (mirror is left out by default: it is
+            only defined on chiral shapes).
+
+    Returns:
+        One row per ``by`` group and attribute: ``group``, ``clip_change_rate``,
+        ``oracle_change_rate``, and ``spearman`` (rank correlation across the attribute
+        groups, repeated on each row of that ``by`` group).
+    """
+    import pandas as pd
+
+    by = list(by)
+    rows = []
+    for name, frame in (("clip", clip_frame), ("oracle", oracle_frame)):
+        cols = [f"{g}_changed" for g in groups]
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise InputError(f"{name} frame lacks {missing}")
+        m = frame[by + cols].copy()
+        m[cols] = m[cols].astype("Float64")
+        long = m.melt(id_vars=by, value_vars=cols, var_name="group", value_name="changed")
+        long["group"] = long["group"].str[:-len("_changed")]
+        rows.append(long.groupby(by + ["group"], sort=True)["changed"].mean().astype(float)
+                    .rename(f"{name}_change_rate"))
+    out = pd.concat(rows, axis=1).reset_index()
+    out["spearman"] = np.nan
+    for _, g in out.groupby(by):
+        rho = g["clip_change_rate"].corr(g["oracle_change_rate"], method="spearman")
+        out.loc[g.index, "spearman"] = rho
+    return out

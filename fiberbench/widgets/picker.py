@@ -18,7 +18,10 @@ def _card_of(spec: str) -> dict[str, Any]:
     from ..toy import models as M
     from ..zoo import REAL_MODELS, parse_spec
 
-    s = parse_spec(spec)
+    try:
+        s = parse_spec(spec)
+    except Exception:  # noqa: BLE001 - a model added by hand may carry any spec
+        return {"spec": spec, "note": "added in this session (not a registry spec)"}
     if s.source == "toy":
         try:
             card = M.read_card(s.name)
@@ -160,6 +163,25 @@ class ModelPicker(W.VBox):
             loader = {"extractor": zoo.load_extractor, "prior": zoo.load_prior, "clip": zoo.load_clip}[kind]
             self._models[key] = loader(spec)
         return self._models[key]
+
+    def add_model(self, kind: str, model, select: bool = True) -> None:
+        """Offer an already-loaded model (anything with a ``.spec``) under its spec, e.g. one built in the
+        notebook; ``select`` makes it the current choice."""
+        from ..errors import ConfigError
+
+        if kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+        spec = getattr(model, "spec", None)
+        if not isinstance(spec, str) or not spec:
+            raise ConfigError(f"a {kind} needs a .spec string to be offered in the picker")
+        dropdown = {"extractor": self.extractor, "prior": self.prior, "clip": self.clip}[kind]
+        if select:
+            self._select(dropdown, spec)
+            if kind == "extractor":
+                self._refresh_layers(spec)
+        key_spec = self.extractor_spec if kind == "extractor" and select else spec
+        self._models[(kind, key_spec)] = model
+        self._show_card()
 
     def load_extractor(self):
         """The chosen :class:`~fiberbench.extractors.Extractor` (loaded once per spec)."""
