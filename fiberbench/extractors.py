@@ -201,7 +201,7 @@ def load_timm_extractor(name: str, layer: str | None, device="cpu", pretrained: 
         model = timm.create_model(model_name, pretrained=pretrained and checkpoint is None,
                                   **({"cache_dir": cache_dir} if cache_dir else {}), **kwargs)
     except Exception as e:  # noqa: BLE001 - hub/network errors: one readable message
-        if is_missing_weights(e):
+        if is_missing_weights(e) and not model_name.startswith("local-dir:"):
             repo = base if model_name.startswith("hf-hub:") else f"timm/{base}"
             raise weights_unavailable(spec, repo, e, cache_dir) from None
         raise ConfigError(f"cannot build timm model {spec}: {type(e).__name__}: {e}") from e

@@ -106,7 +106,7 @@ def _open_clip_parts(name: str, device="cpu", pretrained: str | None = None, cac
                                                             cache_dir=cache_dir, **kwargs)
         tokenizer = open_clip.get_tokenizer(arch, cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - hub/network errors: one readable message
-        if is_missing_weights(e):
+        if is_missing_weights(e) and not arch.startswith("local-dir:"):
             hub_repo = repo
             if tag and not arch.startswith(("hf-hub:", "local-dir:")):
                 cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
@@ -287,7 +287,7 @@ def load_hf_extractor(name: str, layer: str | None, device="cpu", *, cache_dir=N
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001
-        if is_missing_weights(e):
+        if is_missing_weights(e) and not Path(name).exists():
             raise weights_unavailable(spec, name, e, cache_dir) from None
         raise ConfigError(f"cannot load {spec}: {type(e).__name__}: {e}") from e
     has_image_features = hasattr(model, "get_image_features")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -103,10 +102,11 @@ def test_timm_preprocessing_matches_timm_transform(timm_dir):
     ours = ex.preprocess(t)
     assert ours.shape == ref.shape == (1, 3, 48, 48)
     # PIL and torch bicubic antialias kernels differ slightly; PIL also rounds to uint8.
+    # Measured: mean 0.0009, max 0.017 (normalised units), feature cosine 0.999997.
     err = (ours - ref).abs()
-    assert float(err.mean()) < 0.03 and float(err.max()) < 0.5, (float(err.mean()), float(err.max()))
+    assert float(err.mean()) < 0.005 and float(err.max()) < 0.08, (float(err.mean()), float(err.max()))
     with torch.no_grad():
-        assert cos(ex(t), model(ref)) > 0.999
+        assert cos(ex(t), model(ref)) > 0.9999
 
 
 def test_timm_hub_id_from_cache_and_missing(timm_dir, tmp_path):
@@ -160,7 +160,7 @@ def test_open_clip_scorer_matches_open_clip_transforms(clip_dir):
         ref = F.normalize(model.eval().encode_image(preprocess(pil)[None]), dim=-1)
     ours = clip.embed_images(t)
     assert ours.shape == (1, 16)
-    assert cos(ours, ref) > 0.999  # stated tolerance: PIL vs torch bicubic + uint8 rounding
+    assert cos(ours, ref) > 0.9999  # PIL vs torch bicubic + uint8 rounding; measured 0.99999996
     txt = clip.embed_texts(["a red circle", "a blue square"])
     assert txt.shape == (2, 16) and torch.allclose(txt.norm(dim=-1), torch.ones(2), atol=1e-5)
 
@@ -216,11 +216,12 @@ def test_hf_dinov2_outputs_preprocessing_gradients(dinov2_dir):
     pil, t = make_test_image()
     ref_in = proc(pil, return_tensors="pt").pixel_values
     ours_in = ex.preprocess(t)
+    # measured: mean 0.0010, max 0.013 (normalised units), pooled cosine 0.999997
     err = (ours_in - ref_in).abs()
-    assert float(err.mean()) < 0.03 and float(err.max()) < 0.5, (float(err.mean()), float(err.max()))
+    assert float(err.mean()) < 0.005 and float(err.max()) < 0.08, (float(err.mean()), float(err.max()))
     with torch.no_grad():
         ref = model(pixel_values=ref_in)
-    assert cos(ex(t), ref.pooler_output) > 0.999
+    assert cos(ex(t), ref.pooler_output) > 0.9999
     cls = fb.load_extractor(f"hf/{dinov2_dir}@cls")
     x = torch.rand(2, 3, 37, 50, generator=torch.Generator().manual_seed(0))
     assert torch.equal(cls(x), ex(x))  # DINOv2's pooler output is the (layer-normed) CLS token
@@ -593,7 +594,7 @@ def test_diffusers_hub_id_from_cache(pipes, tiny_extractor, tmp_path):
 # --------------------------------------------------------------------------- the curated list
 
 
-def test_list_models_real_is_curated():
+def test_list_models_real_is_curated(capsys):
     from fiberbench.zoo import REAL_MODELS
 
     specs = [m["spec"] for m in REAL_MODELS]
@@ -612,7 +613,10 @@ def test_list_models_real_is_curated():
         if s.source == "open_clip" and not s.name.startswith("hf-hub:"):
             arch, tag = s.name.split(":")
             assert (arch, tag) in open_clip.list_pretrained(), s.name
-    out = subprocess.run([sys.executable, "-m", "fiberbench.cli", "list-models", "--real", "--kind", "prior"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0
-    assert "diffusers/google/ddpm-cifar10-32" in out.stdout and "timm/" not in out.stdout
+    from fiberbench.cli import main
+
+    assert main(["list-models", "--real", "--kind", "prior"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers/google/ddpm-cifar10-32" in out and "timm/" not in out
+    assert sum(line.startswith("diffusers/") for line in out.splitlines()) == \
+        sum(m["kind"] == "prior" for m in REAL_MODELS)
