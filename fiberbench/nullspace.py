@@ -42,6 +42,7 @@ __all__ = [
     "HeadDecomposition", "head_decomposition", "Translator", "fit_translator", "load_translator",
     "pre_logit_features", "angle_deg", "image_score", "attribute_score", "concept_embeddings",
     "SteerResult", "steer", "sing_scores", "sing_summary", "steering_table", "steering_summary",
+    "steering_benchmark",
 ]
 
 LOGIT_RTOL = 1e-5  # logits of equivalent features must agree to this relative tolerance (asserted)
@@ -603,3 +604,33 @@ def steering_summary(frame: pd.DataFrame, by: Sequence[str] = ("extractor", "con
                 cos_before=("cos_before", "mean"), cos_after=("cos_after", "mean"),
                 max_logit_change=("logit_change", "max"), n=("abs_attribute_score", "size")).reset_index()
     return out
+
+
+def steering_benchmark(extractors: Sequence[Any], clip, images: torch.Tensor, concept: str = "jellyfish", *,
+                       fit_images: torch.Tensor | None = None, ridge: float = 1e-3, norm_bound: float = 1.0,
+                       relative_to: str | None = "null", templates: Sequence[str] | None = None,
+                       steps: int = 300, device: str = "cpu") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """SING Table 1 for several classifiers: one translator per model, steer toward ``concept``, |AS| per model.
+
+    Args:
+        extractors: Extractors or spec strings (``"timm/resnet50.a1_in1k@logits"``, ``"toy/shape-resnet@logits"``).
+        clip: the ClipModel scoring every model (the paper: one CLIP for all).
+        images: ``[N,3,H,W]`` in [0,1] to steer; ``fit_images`` (default ``images``) fit the translators.
+
+    Returns:
+        ``(per_image, summary)``: :func:`steering_table` rows of every model, and
+        :func:`steering_summary` (``abs_as_mean``/``abs_as_std`` per model, the paper's columns)
+        with each model's translator ``heldout_cosine``.
+    """
+    from .zoo import load_extractor
+
+    tables = []
+    for ext in extractors:
+        ext = load_extractor(ext, device=device) if isinstance(ext, str) else ext
+        tables.append(steering_table(ext, clip, images, concept, norm_bound=norm_bound, relative_to=relative_to,
+                                     templates=templates, steps=steps, fit_images=fit_images, ridge=ridge))
+    per_image = pd.concat(tables, ignore_index=True)
+    summary = steering_summary(per_image).merge(
+        per_image.groupby(["extractor", "concept"])["translator_heldout_cosine"].first().reset_index(),
+        on=["extractor", "concept"])
+    return per_image, summary

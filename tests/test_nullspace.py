@@ -10,7 +10,7 @@ from torch import nn
 from fiberbench.errors import ConfigError, InputError
 from fiberbench.nullspace import (
     Translator, angle_deg, attribute_score, fit_translator, head_decomposition, image_score, load_translator,
-    pre_logit_features, sing_scores, sing_summary, steer, steering_summary, steering_table,
+    pre_logit_features, sing_scores, sing_summary, steer, steering_benchmark, steering_summary, steering_table,
 )
 
 torch.set_num_threads(1)
@@ -224,3 +224,21 @@ def test_sing_frames_on_tiny_models(tiny_resnet, tiny_clip):
     assert float(tab["attribute_score"].mean()) < float(tab["attribute_score_before"].mean())
     s = steering_summary(tab)
     assert len(s) == 1 and s["abs_as_mean"].iloc[0] > 0 and s["n"].iloc[0] == 10
+
+
+def test_steering_benchmark_over_two_models(tiny_resnet, tiny_clip):
+    import timm
+
+    from fiberbench.extractors import Extractor
+
+    torch.manual_seed(7)
+    vit = Extractor(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=6, img_size=32,
+                                      patch_size=8, embed_dim=24, depth=1, num_heads=2),
+                    spec="test/tiny-vit@logits", layer="logits", input_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    images, _ = _renders(40, 3)
+    per_image, summary = steering_benchmark([tiny_resnet, vit], tiny_clip, images[:8], "a photo of a jellyfish",
+                                            fit_images=images, steps=100)
+    assert len(per_image) == 16 and float(per_image["logit_change"].max()) < 1e-5
+    assert list(summary["extractor"]) == sorted(["test/tiny-resnet@logits", "test/tiny-vit@logits"])
+    assert {"abs_as_mean", "abs_as_std", "translator_heldout_cosine"} <= set(summary.columns)
+    assert (summary["cos_after"] > summary["cos_before"]).all()
