@@ -42,7 +42,7 @@ __all__ = [
     "HeadDecomposition", "head_decomposition", "Translator", "fit_translator", "load_translator",
     "pre_logit_features", "angle_deg", "image_score", "attribute_score", "concept_embeddings",
     "SteerResult", "steer", "sing_scores", "sing_summary", "steering_table", "steering_summary",
-    "steering_benchmark",
+    "steering_benchmark", "factor_probe",
 ]
 
 LOGIT_RTOL = 1e-5  # logits of equivalent features must agree to this relative tolerance (asserted)
@@ -634,3 +634,45 @@ def steering_benchmark(extractors: Sequence[Any], clip, images: torch.Tensor, co
         per_image.groupby(["extractor", "concept"])["translator_heldout_cosine"].first().reset_index(),
         on=["extractor", "concept"])
     return per_image, summary
+
+
+def factor_probe(extractor, images: torch.Tensor, labels: Sequence[Any], *, factor: str = "factor",
+                 decomposition: HeadDecomposition | None = None, ridge: float = 1e-3, holdout: float = 0.3,
+                 seed: int = 0, batch_size: int = 256, features: torch.Tensor | None = None) -> pd.DataFrame:
+    """Linear decodability of a known factor from the full, principal and null parts of the pre-logit features.
+
+    The ground-truth side of SING on a world whose factors are known: if a
+    factor is decodable from ``P_null h`` but not from ``P_principal h``, the
+    classifier's null space carries it (the logits cannot see it). Ridge
+    least squares on one-hot targets (``ridge`` relative as in
+    :func:`fit_translator`), accuracy on a held-out split.
+
+    Args:
+        images: ``[N,3,H,W]`` in [0,1]; labels: one discrete label per image.
+        features: precomputed pre-logit features ``[N,D]`` of ``images`` (skips the forward pass).
+
+    Returns:
+        Rows ``extractor, factor, space (full|principal|null), accuracy, chance, n_heldout``
+        (``chance`` = frequency of the most common held-out label).
+    """
+    decomposition = decomposition or head_decomposition(extractor)
+    h = (features if features is not None else pre_logit_features(extractor, images, batch_size)).double()
+    labels = np.asarray([str(v) for v in labels], dtype=object)
+    if len(labels) != len(h):
+        raise InputError(f"labels must give one label per image ({len(h)}), got {len(labels)}")
+    classes, y_idx = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise InputError(f"factor {factor!r} takes a single value in these images: nothing to probe")
+    y = F.one_hot(torch.from_numpy(y_idx), len(classes)).double()
+    n = len(h)
+    n_test = max(1, int(round(holdout * n)))
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(n))
+    test, train = perm[:n_test], perm[n_test:]
+    chance = float(np.bincount(y_idx[test.numpy()], minlength=len(classes)).max() / n_test)
+    rows = []
+    for space, x in (("full", h), ("principal", decomposition.equivalent(h)), ("null", decomposition.null_component(h))):
+        a, c = _ridge(x[train], y[train], ridge)
+        pred = (x[test] @ a.T + c).argmax(-1).numpy()
+        rows.append((getattr(extractor, "spec", None), factor, space, float((pred == y_idx[test.numpy()]).mean()),
+                     chance, n_test))
+    return pd.DataFrame(rows, columns=["extractor", "factor", "space", "accuracy", "chance", "n_heldout"])
