@@ -42,7 +42,7 @@ __all__ = [
     "HeadDecomposition", "head_decomposition", "Translator", "fit_translator", "load_translator",
     "pre_logit_features", "angle_deg", "image_score", "attribute_score", "concept_embeddings",
     "SteerResult", "steer", "sing_scores", "sing_summary", "steering_table", "steering_summary",
-    "steering_benchmark", "factor_probe",
+    "steering_benchmark", "factor_probe", "toy_sing_report",
 ]
 
 LOGIT_RTOL = 1e-5  # logits of equivalent features must agree to this relative tolerance (asserted)
@@ -295,7 +295,8 @@ def fit_translator(extractor, clip, images: torch.Tensor | None = None, ridge: f
 
     Returns:
         :class:`Translator` with ``metrics`` = ``heldout_cosine`` (mean cosine of
-        ``T h`` with the CLIP embedding on held-out images), ``train_cosine``,
+        ``T h`` with the CLIP embedding on held-out images), ``baseline_cosine`` (the same
+        for the constant prediction "mean training embedding"), ``train_cosine``,
         ``n_train``, ``n_heldout``, ``ridge``.
     """
     if features is None:
@@ -322,8 +323,10 @@ def fit_translator(extractor, clip, images: torch.Tensor | None = None, ridge: f
     a, c = _ridge(x[train], y[train], ridge)
     train_cos = float(F.cosine_similarity(x[train] @ a.T + c, y[train], dim=-1).mean())
     held = float(F.cosine_similarity(x[test] @ a.T + c, y[test], dim=-1).mean()) if n_test else float("nan")
+    # what predicting the mean training embedding for every image achieves: the bar a translator must clear
+    base = float(F.cosine_similarity(y[train].mean(0, keepdim=True), y[test], dim=-1).mean()) if n_test else float("nan")
     a, c = _ridge(x, y, ridge)
-    metrics = {"heldout_cosine": held, "train_cosine": train_cos, "n_train": int(len(train)), "n_heldout": n_test,
+    metrics = {"heldout_cosine": held, "baseline_cosine": base, "train_cosine": train_cos, "n_train": int(len(train)), "n_heldout": n_test,
                "ridge": ridge, "seed": seed}
     meta = {"extractor": getattr(extractor, "spec", None), "clip": getattr(clip, "spec", None)}
     return Translator(a, c, metrics=metrics, meta=meta)
@@ -371,12 +374,17 @@ def concept_embeddings(clip, concepts: str | Sequence[str] | torch.Tensor,
                        templates: Sequence[str] | None = None) -> torch.Tensor:
     """Unit text embeddings ``[K,E]`` of concepts, each the renormalised mean over ``templates``.
 
+    ``concepts`` may also be a vocabulary group ``{label: [prompts]}`` (one embedding per label).
     ``templates=None`` uses the concept string as the prompt itself; pass
     :data:`fiberbench.semantics.TEMPLATES` for open_clip-style ensembling.
     Tensors are passed through (normalised).
     """
     if isinstance(concepts, torch.Tensor):
         return F.normalize(concepts.double().reshape(-1, concepts.shape[-1]), dim=-1)
+    if isinstance(concepts, dict):  # a vocabulary group {label: [prompts]}: prompt-ensembled per label
+        from .semantics import class_embeddings
+
+        return class_embeddings(clip, concepts).double().cpu()
     if isinstance(concepts, str):
         concepts = [concepts]
     if clip is None:
@@ -503,11 +511,14 @@ def _class_names(extractor, logits: torch.Tensor) -> list[str]:
     return [str(classes[i]) if classes else str(i) for i in idx]
 
 
-def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, concepts: Sequence[str],
+def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, concepts: Sequence[str] | dict,
                 *, decomposition: HeadDecomposition | None = None, labels: Sequence[Any] | None = None,
                 image_ids: Sequence[Any] | None = None, templates: Sequence[str] | None = None,
                 batch_size: int = 256) -> pd.DataFrame:
     """IS and AS of every image toward every concept: a tidy frame, one row per (image, concept).
+
+    ``concepts``: strings (prompts, or concepts expanded with ``templates``) or a
+    vocabulary group ``{label: [prompts]}`` such as ``TOY_VOCAB["color"]``.
 
     Columns: ``extractor``, ``clip``, ``image``, ``class`` (the classifier's
     prediction, from the logits of ``h``), ``label`` (``labels`` if given, else the
@@ -516,7 +527,8 @@ def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, c
     """
     decomposition = decomposition or head_decomposition(extractor)
     h = pre_logit_features(extractor, images, batch_size)
-    t = concept_embeddings(clip, list(concepts), templates)
+    t = concept_embeddings(clip, concepts if isinstance(concepts, dict) else list(concepts), templates)
+    concepts = list(concepts)
     is_ = image_score(h, decomposition, translator).numpy()
     as_ = attribute_score(h, decomposition, translator, t).reshape(len(h), len(concepts)).numpy()
     frac = (decomposition.null_component(h.double()).norm(dim=-1) / h.double().norm(dim=-1).clamp_min(1e-12)).numpy()
@@ -676,3 +688,61 @@ def factor_probe(extractor, images: torch.Tensor, labels: Sequence[Any], *, fact
         rows.append((getattr(extractor, "spec", None), factor, space, float((pred == y_idx[test.numpy()]).mean()),
                      chance, n_test))
     return pd.DataFrame(rows, columns=["extractor", "factor", "space", "accuracy", "chance", "n_heldout"])
+
+
+TOY_SING_MODELS = ("toy/shape-resnet@logits", "toy/color-vit@logits")
+
+
+def toy_sing_report(clip, extractors: Sequence[Any] = TOY_SING_MODELS, *, n_fit: int = 1500, n_test: int = 300,
+                    seed: int = 4242, ridge: float = 1e-3, steer_concepts: Sequence[str] = ("a red shape.", "a triangle."),
+                    steer_images: int = 100, steps: int = 200, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
+    """SING on the shapes world, where the truth is known: IS/AS per class toward colour and shape words.
+
+    For each toy classifier: fit a translator on ``n_fit`` fresh renders, score
+    ``n_test`` other renders against :data:`~fiberbench.semantics.TOY_VOCAB`'s colour and
+    shape prompts, and steer ``steer_images`` of them toward each of ``steer_concepts``.
+
+    Returns a dict of tidy frames:
+        ``translators``: ``extractor, heldout_cosine, baseline_cosine, train_cosine, rank, null_dim``;
+        ``scores``: :func:`sing_scores` rows plus ``group`` (color|shape), ``true_color``,
+            ``true_shape`` and ``is_true`` (the concept is the image's own colour/shape);
+        ``per_class``: mean + bootstrap CI of IS and of AS toward the *image's own* colour and
+            shape, per ``extractor, class, group`` (long format);
+        ``steering``: :func:`steering_summary` per model and concept.
+    A shape classifier whose null space carries colour shows a negative AS toward the
+    image's own colour (removing the null component moves it away from its colour word).
+    """
+    from . import toy
+    from .semantics import TOY_VOCAB
+    from .stats import per_class
+    from .zoo import load_extractor
+
+    fit_x, _ = toy.references(n_fit, seed)
+    test_x, test_f = toy.references(n_test, seed + 1)
+    tr_rows, score_frames, steer_frames = [], [], []
+    for ext in extractors:
+        ext = load_extractor(ext) if isinstance(ext, str) else ext
+        d = head_decomposition(ext)
+        tr = fit_translator(ext, clip, fit_x, ridge=ridge)
+        tr_rows.append({"extractor": ext.spec, **{k: tr.metrics[k] for k in ("heldout_cosine", "baseline_cosine",
+                                                                            "train_cosine")},
+                        "rank": d.rank, "null_dim": d.null_dim})
+        target = (getattr(ext, "card", {}) or {}).get("target")
+        labels = test_f[target] if target in test_f.columns else None
+        for group in ("color", "shape"):
+            df = sing_scores(ext, clip, tr, test_x, TOY_VOCAB[group], decomposition=d, labels=labels)
+            df["group"] = group
+            df["true_color"] = test_f["color"].to_numpy()[df["image"].to_numpy()]
+            df["true_shape"] = test_f["shape"].to_numpy()[df["image"].to_numpy()]
+            df["is_true"] = df["concept"] == df[f"true_{group}"]
+            score_frames.append(df)
+        for concept in steer_concepts:
+            steer_frames.append(steering_table(ext, clip, test_x[:steer_images], concept, translator=tr,
+                                               decomposition=d, steps=steps, labels=labels[:steer_images]
+                                               if labels is not None else None))
+    scores = pd.concat(score_frames, ignore_index=True)
+    own = scores[scores["is_true"]]
+    pc = per_class(own, by=["extractor", "label", "group"], stats=["image_score", "attribute_score"],
+                   n_boot=n_boot).rename(columns={"label": "class"})
+    steering = steering_summary(pd.concat(steer_frames, ignore_index=True))
+    return {"translators": pd.DataFrame(tr_rows), "scores": scores, "per_class": pc, "steering": steering}

@@ -155,6 +155,7 @@ def test_translator_recovers_a_linear_map_and_round_trips(tmp_path):
     assert m["n_train"] == 480 and m["n_heldout"] == 120
     # y is a *normalised* affine image of x: cosine is what a linear fit can match, and it does
     assert m["heldout_cosine"] > 0.97, m
+    assert m["baseline_cosine"] < m["heldout_cosine"] - 0.1, m  # the constant prediction is clearly worse
     path = tr.save(tmp_path / "t.safetensors")
     back = load_translator(path)
     assert torch.equal(back.weight, tr.weight) and torch.equal(back.bias, tr.bias)
@@ -285,3 +286,43 @@ def test_toy_null_spaces_carry_the_augmented_factors():
     # background is invisible to both heads and fully present in both null spaces
     for spec in (sr, cv):
         assert acc[(spec, "background")]["null"] > 0.95 > acc[(spec, "background")]["principal"] + 0.25
+
+
+@_have("shape-resnet", "color-vit")
+def test_toy_sing_report_structure(tiny_clip):
+    from fiberbench.nullspace import toy_sing_report
+
+    rep = toy_sing_report(tiny_clip, n_fit=120, n_test=24, steer_images=6, steps=50, n_boot=100,
+                          steer_concepts=("a red shape.",))
+    tr = rep["translators"].set_index("extractor")
+    assert tr.loc["toy/shape-resnet@logits", "rank"] == 4 and tr.loc["toy/color-vit@logits", "rank"] == 6
+    sc = rep["scores"]
+    # 24 images x (6 colours + 4 shapes) x 2 models; exactly one "own" colour and shape per image and model
+    assert len(sc) == 24 * 10 * 2
+    assert (sc[sc["is_true"]].groupby(["extractor", "group"]).size() == 24).all()
+    pc = rep["per_class"]
+    assert set(pc["statistic"]) == {"image_score", "attribute_score"}
+    assert set(pc.loc[pc["extractor"] == "toy/shape-resnet@logits", "class"]) <= {"circle", "square", "triangle", "arrow"}
+    st = rep["steering"]
+    assert len(st) == 2 and float(st["max_logit_change"].max()) < 1e-5
+
+
+@pytest.mark.slow
+@_have("shape-resnet", "color-vit", "clip")
+def test_toy_sing_with_the_shipped_clip():
+    """On the toy CLIP: translators beat the constant predictor, and each null space carries the other factor."""
+    import fiberbench as fb
+    from fiberbench.nullspace import toy_sing_report
+
+    rep = toy_sing_report(fb.load_clip("toy/clip"))
+    print(rep["translators"].to_string())
+    own = rep["scores"][rep["scores"]["is_true"]].groupby(["extractor", "group"])["attribute_score"].mean()
+    print(own.to_string())
+    print(rep["steering"].to_string())
+    tr = rep["translators"].set_index("extractor")
+    assert ((tr["heldout_cosine"] - tr["baseline_cosine"]) > 0.1).all(), tr
+    sr, cv = "toy/shape-resnet@logits", "toy/color-vit@logits"
+    # AS toward the image's own colour: the shape classifier's null space carries colour (more negative AS)
+    assert own[(sr, "color")] < own[(cv, "color")]
+    # and the colour classifier's null space carries shape
+    assert own[(cv, "shape")] < own[(sr, "shape")]
