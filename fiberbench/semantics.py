@@ -468,7 +468,7 @@ def change_rates(summary: "pd.DataFrame", by: Sequence[str] = ("extractor", "gro
 
 def change_rate_agreement(clip_frame: "pd.DataFrame", oracle_frame: "pd.DataFrame",
                           groups: Sequence[str] = ("shape", "color", "background", "size"),
-                          by: Sequence[str] = ("extractor",)) -> "pd.DataFrame":
+                          by: Sequence[str] = ("extractor",), only_valid: bool = False) -> "pd.DataFrame":
     """How well CLIP-based change rates rank the attribute groups like the oracle's ground truth.
 
     Args:
@@ -476,6 +476,8 @@ def change_rate_agreement(clip_frame: "pd.DataFrame", oracle_frame: "pd.DataFram
             :func:`score_fiber` and :func:`score_fiber_oracle`.
         groups: attribute groups present in both (mirror is left out by default: it is
             only defined on chiral shapes).
+        only_valid: keep only samples the oracle judges valid (``oracle_frame["valid"]``):
+            on junk samples both judges' labels are arbitrary.
 
     Returns:
         One row per ``by`` group and attribute: ``group``, ``clip_change_rate``,
@@ -485,6 +487,11 @@ def change_rate_agreement(clip_frame: "pd.DataFrame", oracle_frame: "pd.DataFram
     import pandas as pd
 
     by = list(by)
+    if only_valid:
+        if len(clip_frame) != len(oracle_frame) or "valid" not in oracle_frame.columns:
+            raise InputError("only_valid needs the oracle frame of the same samples (with a 'valid' column)")
+        keep = oracle_frame["valid"].to_numpy(bool)
+        clip_frame, oracle_frame = clip_frame[keep], oracle_frame[keep]
     rows = []
     for name, frame in (("clip", clip_frame), ("oracle", oracle_frame)):
         cols = [f"{g}_changed" for g in groups]

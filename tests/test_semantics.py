@@ -248,3 +248,35 @@ def test_fiber_change_rates_agree_with_oracle(toy_fibers):
         assert rate.loc[("toy/shape-resnet@logits", "color"), src] > rate.loc[("toy/shape-resnet@logits", "shape"), src]
         assert rate.loc[("toy/color-vit@logits", "shape"), src] > rate.loc[("toy/color-vit@logits", "color"), src]
     assert (agree.groupby("extractor")["spearman"].first() >= 0.8).all(), agree
+
+
+def test_fiber_summary_feeds_per_class_and_agreement():
+    from fiberbench.semantics import change_rate_agreement
+    from fiberbench.stats import per_class
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for ext, p_change in (("A", {"shape": 0.1, "color": 0.9}), ("B", {"shape": 0.8, "color": 0.05})):
+        for ref in range(6):
+            for smp in range(8):
+                row = {"run_id": ext, "extractor": ext, "method": "ndtm", "reference": ref, "reference_id": str(ref),
+                       "class": "circle" if ref % 2 else "square", "sample": smp}
+                for g, p in p_change.items():
+                    ch = rng.random() < p
+                    row[f"{g}_ref_label"] = "x"
+                    row[f"{g}_label"] = f"y{rng.integers(3)}" if ch else "x"
+                    row[f"{g}_changed"] = ch
+                rows.append(row)
+    frame = pd.DataFrame(rows)
+    s = summarize_fiber(
+        frame, vocab={"shape": dict.fromkeys(["x", "y0", "y1", "y2"], ["p"]),
+                      "color": dict.fromkeys(["x", "y0", "y1", "y2"], ["p"])}, n_mc=2000)
+    pc = per_class(s, by=["extractor", "class", "group"], n_boot=200)
+    assert set(pc["statistic"]) == {"change_rate", "entropy", "prior_entropy", "expected_entropy", "entropy_ratio"}
+    cr = pc[pc["statistic"] == "change_rate"].groupby(["extractor", "group"])["mean"].mean()
+    assert cr[("A", "color")] > 0.6 > 0.3 > cr[("A", "shape")] and cr[("B", "shape")] > 0.6 > 0.3 > cr[("B", "color")]
+    # a judge that agrees with itself has rank correlation 1; a judge that swaps the groups has -1
+    agree = change_rate_agreement(frame, frame, groups=["shape", "color"])
+    assert np.allclose(agree["spearman"], 1.0)
+    swapped = frame.rename(columns={"shape_changed": "color_changed", "color_changed": "shape_changed"})
+    assert np.allclose(change_rate_agreement(frame, swapped, groups=["shape", "color"])["spearman"], -1.0)
