@@ -212,7 +212,9 @@ def test_killed_sweep_resumes_without_lost_or_duplicated_rows(models_dir, tmp_pa
 @pytest.fixture(scope="module")
 def ray_cluster(models_dir):
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from fiberbench.sweep import start_ray
+
+    start_ray(num_cpus=2)  # workers at our niceness, not Ray's 15 (starved on a busy machine)
     yield ray
     ray.shutdown()
 
@@ -240,3 +242,19 @@ def test_ray_backend_gives_the_same_table_and_loads_models_once_per_worker(model
     # a second ray run computes nothing
     again = run_sweep(cfg, tmp_path / "ray", backend="ray", progress=False)
     assert (again.done, again.cached) == (0, 4)
+
+
+@pytest.mark.slow
+def test_benchmark_ray_overhead_per_job_is_under_ten_percent(models_dir, tmp_path):
+    """The numbers of docs/scaling.md, at small scale: steady-state Ray overhead < 10 % of a toy job."""
+    import ray
+
+    from fiberbench.sweep import benchmark, format_benchmark
+
+    if ray.is_initialized():
+        pytest.skip("needs to start its own Ray instances")
+    res = benchmark(jobs=4, n=8, workers=(1,), out=tmp_path)
+    print(format_benchmark(res))
+    r = res["ray1"]
+    assert r["same_table"] and res["local_again"]["same_table"]
+    assert r["steady_overhead_fraction"] < 0.10, r
