@@ -43,13 +43,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the fiber paper's sampling scripts (vislearn/InvarianceAuditing), see DESIGN.md
     "fiber-imagenet": dict(steps=200, inner_steps=5, lr=2e-3, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="l2",
                            gamma=[(0, 0, 1000, 800), (3, 3, 800, 600), (1, 0.5, 600, 200), (2, 10, 200, 0)],
-                           eta=1.0, target="time"),
+                           eta=1.0, target="time", adam_eps=1e-8),
     "fiber-chexpert": dict(steps=100, inner_steps=4, lr=2e-3, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="l2",
-                           gamma=[(0, 0, 1000, 500), (0, 10, 500, 0)], eta=0.5, target="time"),
+                           gamma=[(0, 0, 1000, 500), (0, 10, 500, 0)], eta=0.5, target="time", adam_eps=1e-8),
     "fiber-vlm": dict(steps=100, inner_steps=7, lr=2e-3, w_ctrl=1e-4, w_score=0.0, w_term=1.0, loss="l2",
-                      gamma=[(0, 0, 1000, 600), (10, 10, 600, 200), (20, 20, 200, 0)], eta=0.25, target="time"),
+                      gamma=[(0, 0, 1000, 600), (10, 10, 600, 200), (20, 20, 200, 0)], eta=0.25, target="time",
+                      adam_eps=1e-8),
     "fiber-colormnist": dict(steps=200, inner_steps=10, lr=2e-2, w_ctrl=3e-4, w_score=0.0, w_term=1.0, loss="l2",
-                             gamma=[(0, 0, 1000, 500), (5, 5, 500, 0)], eta=1.0, target="fixed"),
+                             gamma=[(0, 0, 1000, 500), (5, 5, 500, 0)], eta=1.0, target="fixed", adam_eps=1e-8),
     # ours, tuned on the shapes world with `fiberbench bench` (see docs/performance.md)
     "toy": dict(steps=20, inner_steps=4, lr=0.05, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="cosine",
                 gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero"),
@@ -57,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_score=0.0, w_term=1.0,
                      gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero",
-                     grad_clip=1.0)
+                     grad_clip=1.0, adam_eps=1e-4)
 DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed")
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
 UNGUIDED_DEFAULTS = dict(eta=0.0)
@@ -221,14 +222,17 @@ def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None
 def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None, *,
                 inner_steps: int = 4, lr: float = 0.05, lr_decay: str = "linear", w_ctrl: float = 0.0,
                 w_score: float = 0.0, w_term: float = 1.0, gamma=1.0, eta: float = 0.0, target: str = "fixed",
-                control_init: str = "zero", grad_clip: float = 1.0) -> torch.Tensor:
+                control_init: str = "zero", grad_clip: float = 1.0, adam_eps: float = 1e-8) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
     minimised with ``inner_steps`` Adam steps (fresh optimiser each step, gradient clipped to norm
     ``grad_clip`` per sample, lr decaying linearly over the trajectory); then a DDIM step (``eta``)
-    from the controlled state. ``control_init="zero"`` restarts u at 0 (the paper's); ``"warm"``
-    starts from the previous step's control.
+    from the controlled state. Adam's first step is ``lr * sign(g)``: components whose gradient is
+    float noise move as much as real ones, which makes results depend on batch size through
+    round-off; ``adam_eps`` well above that noise (e.g. 1e-4 with unit-norm gradients) damps them.
+    ``control_init="zero"`` restarts u at 0 (the paper's); ``"warm"`` starts from the previous
+    step's control.
     """
     n_steps = len(sched)
     u = torch.zeros_like(x)
@@ -245,7 +249,7 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                     _, eps_base = problem.denoise(x, t)
             u = torch.zeros_like(x) if control_init == "zero" else u.detach()
             u.requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=rate)
+            opt = torch.optim.Adam([u], lr=rate, eps=adam_eps)
             for _ in range(inner_steps):
                 assert torch.is_grad_enabled(), "guided step needs autograd (a pipeline may have disabled it)"
                 x0, eps = problem.denoise(x + g * u, t)

@@ -1,0 +1,130 @@
+"""The shipped toy models reach their bars on fresh seeds, their cards tell the truth, and the registry works."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fiberbench as fb
+from fiberbench.errors import ConfigError
+from fiberbench.toy import models as M
+from fiberbench.toy.evaluate import eval_classifier, eval_clip, eval_oracle, eval_prior, measure
+
+FRESH = 777  # evaluation seed of these tests: neither the training seeds (>= 10**6) nor the cards' (12345)
+
+
+def _needs(name):
+    if name not in M.available():
+        pytest.fail(f"toy model {name} is not shipped in data/models")
+
+
+def test_every_toy_model_is_shipped_with_card_and_safetensors():
+    for name in M.TOY_NAMES:
+        _needs(name)
+        card = M.read_card(name)
+        for key in ("name", "spec", "kind", "architecture", "training", "metrics", "parameters"):
+            assert key in card, (name, key)
+        assert card["training"]["seconds"] > 0 and "seed" in card["training"]
+        from safetensors import safe_open
+
+        with safe_open(str(M.weights_path(name)), framework="pt") as fh:  # a safetensors file, no pickle
+            assert len(list(fh.keys())) > 0
+    total = sum(M.weights_path(n).stat().st_size + M.card_path(n).stat().st_size for n in M.TOY_NAMES)
+    assert total <= 40 * 2 ** 20, f"data/models is {total / 2 ** 20:.1f} MB"
+
+
+def test_priors_are_about_a_million_parameters():
+    for name in ("prior-fm", "prior-ddpm"):
+        assert 0.8e6 < M.read_card(name)["parameters"] < 1.5e6
+
+
+def test_oracle_bar(oracle):
+    m = eval_oracle(oracle, n=600, seed=FRESH, n_junk=400)
+    for f in ("shape", "color", "background", "mirror"):
+        assert m[f"acc_{f}"] >= 0.98, m
+    for f in ("size", "x", "y"):
+        assert m[f"r2_{f}"] >= 0.95, m
+    assert m["valid_junk"] <= 0.05 and m["valid_clean"] >= 0.98
+
+
+def test_shape_resnet_bar_and_built_in_invariances(shape_resnet):
+    m = eval_classifier(shape_resnet, "shape", n=600, seed=FRESH)
+    assert m["acc_shape"] >= 0.98
+    # logits barely move when only colour / mirror / background change, and move when the shape changes
+    # (1.0 = as much as an independent render)
+    assert m["logit_change_color"] < 0.1 and m["logit_change_mirror"] < 0.1 and m["logit_change_background"] < 0.15
+    assert m["logit_change_shape"] > 0.8
+
+
+def test_color_vit_bar_and_built_in_invariances(color_vit):
+    m = eval_classifier(color_vit, "color", n=600, seed=FRESH)
+    assert m["acc_color"] >= 0.98
+    assert m["logit_change_shape"] < 0.15 and m["logit_change_mirror"] < 0.1 and m["logit_change_x"] < 0.15
+    assert m["logit_change_color"] > 0.8
+
+
+def test_clip_zero_shot_bar():
+    m = eval_clip(fb.load_clip("toy/clip"), n=600, seed=FRESH)
+    for g in ("shape", "color", "background"):
+        assert m[f"zeroshot_{g}"] >= 0.90, m
+
+
+@pytest.mark.parametrize("name", ["prior-fm", "prior-ddpm"])
+def test_prior_validity_quick(name, oracle):
+    m = eval_prior(fb.load_prior(f"toy/{name}"), oracle, n=192, steps=20, seed=FRESH)
+    assert m["valid"] >= 0.90, m
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["prior-fm", "prior-ddpm"])
+def test_prior_full_bar(name, oracle):
+    m = eval_prior(fb.load_prior(f"toy/{name}"), oracle, n=512, steps=20, seed=FRESH)
+    assert m["valid"] >= 0.90 and m["tv_max"] <= 0.10, m
+
+
+@pytest.mark.parametrize("name", ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm"])
+def test_card_metrics_match_a_remeasurement(name):
+    card = M.read_card(name)
+    again = measure(name)
+    for key, value in card["metrics"].items():
+        if isinstance(value, float) and not key.startswith("seconds"):
+            assert abs(again[key] - value) <= 0.01, (name, key, value, again[key])
+
+
+def test_loading_api_and_layers():
+    f = fb.load_extractor("toy/shape-resnet")
+    assert f.layer == "logits" and f.classes == ["circle", "square", "triangle", "arrow"]
+    x = fb.toy.render(fb.toy.sample_factors(4, 1))
+    assert fb.load_extractor("toy/shape-resnet@logits")(x).shape == (4, 4)
+    pre = fb.load_extractor("toy/shape-resnet@pre_logits")(x)
+    head = f.classifier()
+    assert torch.allclose(head(pre), f(x), atol=1e-5)
+    assert fb.load_extractor("toy/color-vit@logits")(x).shape == (4, 6)
+    block = fb.load_extractor("toy/shape-resnet@layer2")(x)
+    assert block.ndim == 2 and block.shape[0] == 4
+    pred = fb.toy.load_oracle().predict(x)
+    for col in ("shape", "shape_conf", "color", "color_conf", "background", "mirror", "size", "x", "y", "valid"):
+        assert col in pred.columns
+
+
+def test_unknown_specs_list_what_exists():
+    with pytest.raises(ConfigError, match="toy/shape-resnet"):
+        fb.load_extractor("toy/shape-resnt")
+    with pytest.raises(ConfigError, match="prior-fm"):
+        fb.load_prior("toy/prior-fn")
+    with pytest.raises(ConfigError, match="layer 'layer9' not found.*valid"):
+        fb.load_extractor("toy/shape-resnet@layer9")
+    with pytest.raises(ConfigError, match="unknown model source"):
+        fb.load_extractor("timmm/resnet50")
+
+
+def test_list_models_cli():
+    out = subprocess.run([sys.executable, "-m", "fiberbench.cli", "list-models"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    for spec in ("toy/prior-fm", "toy/prior-ddpm", "toy/shape-resnet@logits", "toy/shape-resnet@pre_logits",
+                 "toy/color-vit", "toy/clip", "toy/oracle"):
+        assert spec in out
+    assert out.index("toy/prior-fm") < len(out)
+    assert fb.list_models("toy/*", kind="prior") == ["toy/prior-fm", "toy/prior-ddpm"]
