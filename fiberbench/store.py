@@ -287,7 +287,9 @@ class Store:
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"store path {self.root} exists and is not a folder")
         marker = self.root / "STORE.json"
-        if self.root.exists() and any(self.root.iterdir()) and not marker.exists():
+        ours = {"runs", ".tmp", ".corrupt", "sweeps", "STORE.json"}  # a store another process is creating
+        if self.root.exists() and not marker.exists() and any(
+                p.name not in ours and not p.name.startswith(".STORE.json.") for p in self.root.iterdir()):
             raise ConfigError(f"{self.root} is a non-empty folder that is not a fiberbench store; "
                               f"choose an empty or new folder")
         for sub in ("runs", ".tmp", ".corrupt"):
