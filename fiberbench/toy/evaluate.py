@@ -64,6 +64,60 @@ def eval_classifier(extractor, target: str, n: int = 2000, seed: int = EVAL_SEED
     return out
 
 
+def paired_values(first: str, second: str, values) -> list:
+    """The ``second``-factor value paired with each ``first``-factor value under a ``sample_factors`` bias.
+
+    ``bias={"pair": (first, second), "strength": s}`` pairs value ``i`` of ``first`` with value
+    ``i mod len(FACTORS[second])`` of ``second`` (shape -> colour: circle-red, square-green,
+    triangle-blue, arrow-yellow).
+    """
+    a, b = FACTORS[first], FACTORS[second]
+    return [b[a.index(v) % len(b)] for v in values]
+
+
+def pairing_factors(n: int, seed: int, pair: tuple[str, str] = ("shape", "color"), holds: bool = True) -> pd.DataFrame:
+    """Fresh factor rows where the bias pairing holds (``holds=True``) or is broken.
+
+    Broken: ``second`` takes the value paired with *another* value of ``first`` (for shape -> colour:
+    a red square, a green circle, ...), so a model that reads the cue is pointed at a wrong class.
+    Other factors are uniform; deterministic per ``seed``.
+    """
+    first, second = pair
+    f = sample_factors(n, seed)
+    if holds:
+        f[second] = paired_values(first, second, f[first])
+        return f
+    rng = np.random.default_rng(seed + 1)
+    a = FACTORS[first]
+    others = [[v for v in a if v != own] for own in f[first]]
+    wrong = [o[rng.integers(len(o))] for o in others]
+    f[second] = paired_values(first, second, wrong)
+    return f
+
+
+def eval_shortcut(extractor, target: str = "shape", cue: str = "color", n: int = 2000,
+                  seed: int = EVAL_SEED) -> dict[str, Any]:
+    """How strongly a ``target`` classifier leans on the ``cue`` it was paired with in training.
+
+    Returns ``acc_<target>_paired`` (fresh renders where the pairing holds), ``acc_<target>_broken``
+    (cue swapped to another class's cue), their difference ``shortcut_gap`` (0 = no shortcut,
+    1 = the cue alone decides) and ``follows_cue_broken``: the fraction of broken renders classified
+    as the class whose cue they show. All in [0, 1] (gap in [-1, 1]).
+    """
+    out: dict[str, Any] = {}
+    for holds, tag in ((True, "paired"), (False, "broken")):
+        f = pairing_factors(n, seed + (0 if holds else 3), (target, cue), holds)
+        pred = _batched(extractor, render(f)).argmax(-1).numpy()
+        out[f"acc_{target}_{tag}"] = float((pred == factor_index(f, target)).mean())
+        if not holds:
+            # the class whose paired cue is shown (cue value j belongs to target value j when j < len(target))
+            cue_cls = np.array([FACTORS[cue].index(c) for c in f[cue]]) % len(FACTORS[target])
+            out["follows_cue_broken"] = float((pred == cue_cls).mean())
+    out["shortcut_gap"] = out[f"acc_{target}_paired"] - out[f"acc_{target}_broken"]
+    out["shortcut_eval"] = {"n": n, "seed": seed, "pair": [target, cue]}
+    return out
+
+
 def total_variation(a: pd.Series, b: pd.Series, values=None, bins: int | None = None) -> float:
     """TV distance between the empirical distributions of two columns (binned if continuous)."""
     if bins is not None:
@@ -131,7 +185,14 @@ def measure(name: str, root=None) -> dict[str, Any]:
     if kind == "oracle":
         return eval_oracle(load_oracle(root=root))
     if kind in ("classifier", "encoder"):
-        return eval_classifier(load_extractor(f"toy/{name}@logits"), card["target"])
+        ext = load_extractor(f"toy/{name}@logits")
+        out = eval_classifier(ext, card["target"])
+        bias = (card.get("training") or {}).get("bias")
+        if bias:  # trained on a biased world: measure the shortcut too
+            first, second = bias.get("pair", ("shape", "color"))
+            cue = second if first == card["target"] else first
+            out.update(eval_shortcut(ext, card["target"], cue))
+        return out
     if kind in ("flow", "diffusion"):
         return eval_prior(load_prior(f"toy/{name}"), load_oracle(root=root))
     if kind == "clip":

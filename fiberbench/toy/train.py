@@ -200,6 +200,13 @@ CLASSIFIERS: dict[str, dict[str, Any]] = {
                   "augment": ["shape", "x", "y", "mirror"],
                   "description": "timm ViT (4x4 patches) colour classifier; shape, position and mirror "
                                  "are resampled every step, so it is invariant to them by construction"},
+    # the shortcut lesson (notebook 07): same architecture as shape-resnet, plain ERM on a world where
+    # colour is paired with shape (circle-red, square-green, triangle-blue, arrow-yellow), no augmentation
+    "shortcut-resnet": {"target": "shape", "arch": "resnet", "augment": [],
+                        "bias": {"pair": ["shape", "color"], "strength": 0.99}, "steps": 300,
+                        "description": "timm ResNet shape classifier trained WITHOUT augmentation on a biased "
+                                       "world where each shape comes in its own colour 99% of the time; "
+                                       "it learns the colour shortcut (see metrics acc_shape_paired/broken)"},
 }
 
 
@@ -378,7 +385,7 @@ def train_all(only: list[str] | None = None, quick: bool = False, minutes: float
     from .evaluate import record
     from .oracle import train_oracle
 
-    names = only or ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm"]
+    names = only or ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm", "shortcut-resnet"]
     unknown = set(names) - set(M.TOY_NAMES)
     if unknown:
         from ..errors import ConfigError
@@ -389,7 +396,8 @@ def train_all(only: list[str] | None = None, quick: bool = False, minutes: float
         if name == "oracle":
             train_oracle(steps=20 if quick else 2000, root=root, log=log)
         elif name in CLASSIFIERS:
-            train_classifier(name, steps=20 if quick else 1500, root=root, log=log)
+            train_classifier(name, steps=20 if quick else CLASSIFIERS[name].get("steps", 1500),
+                             bias=CLASSIFIERS[name].get("bias"), root=root, log=log)
         elif name == "clip":
             train_clip(steps=20 if quick else 2500, root=root, log=log)
         elif name in ("prior-fm", "prior-ddpm"):
