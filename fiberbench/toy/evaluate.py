@@ -64,6 +64,28 @@ def eval_classifier(extractor, target: str, n: int = 2000, seed: int = EVAL_SEED
     return out
 
 
+def eval_encoder(extractor, n: int = 2000, seed: int = EVAL_SEED) -> dict[str, Any]:
+    """How much an encoder's features move under single-factor interventions (no labels to score).
+
+    ``feature_change_<factor>`` as ``logit_change_<factor>`` of :func:`eval_classifier` (1 = as much as a
+    full resample; mirror on chiral shapes only), and ``true_invariance_<factor> = clip(1 - change, 0, 1)``
+    (:mod:`fiberbench.groundtruth`).
+    """
+    f = sample_factors(n, seed)
+    feats = _batched(extractor, render(f))
+    base = (feats - _batched(extractor, render(sample_factors(n, seed + 1)))).norm(dim=-1).mean()
+    out: dict[str, Any] = {}
+    for name in FACTORS:
+        g = f[f["shape"].isin(CHIRAL)] if name == "mirror" else f
+        moved = _batched(extractor, render(intervene(g, name, seed=seed + 2)))
+        rows = torch.as_tensor(np.array(g.index), dtype=torch.long)
+        change = float((moved - feats[rows]).norm(dim=-1).mean() / base)
+        out[f"feature_change_{name}"] = change
+        out[f"true_invariance_{name}"] = float(np.clip(1 - change, 0, 1))
+    out["eval"] = {"n": n, "seed": seed}
+    return out
+
+
 def paired_values(first: str, second: str, values) -> list:
     """The ``second``-factor value paired with each ``first``-factor value under a ``sample_factors`` bias.
 
@@ -184,6 +206,8 @@ def measure(name: str, root=None) -> dict[str, Any]:
     kind = card["kind"]
     if kind == "oracle":
         return eval_oracle(load_oracle(root=root))
+    if kind == "encoder":
+        return eval_encoder(load_extractor(f"toy/{name}"))
     if kind in ("classifier", "encoder"):
         ext = load_extractor(f"toy/{name}@logits")
         out = eval_classifier(ext, card["target"])

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError, close_matches
 
-TOY_NAMES = ["prior-fm", "prior-ddpm", "shape-resnet", "color-vit", "oracle", "clip", "shortcut-resnet"]
+TOY_NAMES = ["prior-fm", "prior-ddpm", "shape-resnet", "color-vit", "oracle", "clip", "shortcut-resnet", "simclr-resnet"]
 
 
 def models_dir() -> Path:

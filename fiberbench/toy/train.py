@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -257,6 +258,77 @@ def train_classifier(name: str, *, steps: int = 1500, batch: int = 128, lr: floa
     return card
 
 
+# --------------------------------------------------------------------------- self-supervised encoder
+
+# Augmentation in this world is exact: a "view" is a re-render with some factors resampled. Colour jitter
+# and crops become resampling colour, size and position; shape, background and mirror are shared by the two
+# views, so a contrastive encoder must keep them and may drop the rest -- a *partial* invariance (a classifier
+# would not do: all factors are independent and uniform, so any shape classifier ignores every other factor).
+ENCODERS: dict[str, dict[str, Any]] = {
+    "simclr-resnet": {"arch": "resnet", "embed_dim": 64, "augment": ["color", "size", "x", "y"], "steps": 600,
+                      "description": "timm ResNet (shape-resnet's architecture) trained self-supervised with "
+                                     "SimCLR's InfoNCE, no labels: the two views of a scene are re-renders with "
+                                     "colour, size and position resampled (exact colour jitter and crops), so it "
+                                     "is invariant to those by construction and keeps shape, background and "
+                                     "mirror; @embed is the 64-d projection, @pre_logits the 128-d pooled trunk"},
+}
+
+
+def encoder_card(name: str) -> dict[str, Any]:
+    spec = ENCODERS[name]
+    return {
+        "name": name, "spec": f"toy/{name}", "kind": "encoder", "description": spec["description"],
+        "architecture": {"library": "timm", "config": M.resnet_config(spec["embed_dim"])},
+        "augment": spec["augment"], "layers": ["embed", "pre_logits"], "default_layer": "embed",
+        "input": {"size": 32, "range": [0, 1], "mean": [0.5] * 3, "std": [0.5] * 3},
+    }
+
+
+def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss on ``z [2B, D]`` whose rows ``i`` and ``i + B`` are the two views of one scene."""
+    b = z.shape[0] // 2
+    z = F.normalize(z.float(), dim=-1)
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool), float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+    return F.cross_entropy(sim, target)
+
+
+def train_encoder(name: str, *, steps: int = 600, batch: int = 128, lr: float = 2e-3, temperature: float = 0.2,
+                  seed: int = 0, root: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Train a toy SimCLR encoder on fresh scenes; each step renders two views per scene (``ENCODERS[name]``)."""
+    torch.manual_seed(seed)
+    card = encoder_card(name)
+    net = M.build_timm(card["architecture"]["config"])
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    t0 = time.time()
+    losses = []
+    net.train()
+    for step in range(steps):
+        f = sample_factors(batch, TRAIN_SEED_BASE + 3_000_000 + 7919 * seed + step)
+        views = [_augment(f, card["augment"], TRAIN_SEED_BASE + 3_500_000 + 2 * step + v) for v in (0, 1)]
+        x = (render(pd.concat(views, ignore_index=True)) - 0.5) / 0.5
+        loss = nt_xent(net(x), temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log(f"[{name}] step {step + 1} loss {np.mean(losses[-50:]):.4f} {time.time() - t0:.0f}s")
+    card["training"] = {"steps": steps, "batch": batch, "views": 2, "objective": "SimCLR NT-Xent (InfoNCE)",
+                        "temperature": temperature, "optimizer": "AdamW + OneCycle", "lr": lr, "seed": seed,
+                        "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-50:])),
+                        "data": f"fresh scenes every step, {steps * batch} scenes x 2 views in all",
+                        "env": _env()}
+    card["parameters"] = M.count_params(net)
+    M.save_weights(name, net.eval(), root)
+    M.write_card(name, card, root)
+    return card
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -385,7 +457,7 @@ def train_all(only: list[str] | None = None, quick: bool = False, minutes: float
     from .evaluate import record
     from .oracle import train_oracle
 
-    names = only or ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm", "shortcut-resnet"]
+    names = only or ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm", "shortcut-resnet", "simclr-resnet"]
     unknown = set(names) - set(M.TOY_NAMES)
     if unknown:
         from ..errors import ConfigError
@@ -398,6 +470,8 @@ def train_all(only: list[str] | None = None, quick: bool = False, minutes: float
         elif name in CLASSIFIERS:
             train_classifier(name, steps=20 if quick else CLASSIFIERS[name].get("steps", 1500),
                              bias=CLASSIFIERS[name].get("bias"), root=root, log=log)
+        elif name in ENCODERS:
+            train_encoder(name, steps=20 if quick else ENCODERS[name].get("steps", 600), root=root, log=log)
         elif name == "clip":
             train_clip(steps=20 if quick else 2500, root=root, log=log)
         elif name in ("prior-fm", "prior-ddpm"):
