@@ -66,15 +66,23 @@ def guarded(out_attr: str = "out") -> Callable:
     return deco
 
 
-def image_widget(image, scale: int = 3, tooltip: str | None = None, **layout) -> W.Image:
-    """An ``ipywidgets.Image`` of one ``[3,H,W]`` image in [0,1] (PNG, nearest-upscaled by ``scale``)."""
+def image_widget(image, scale: int = 3, **layout) -> W.Image:
+    """An ``ipywidgets.Image`` of one ``[3,H,W]`` image in [0,1] (PNG, nearest-upscaled by ``scale``).
+
+    No ``tooltip`` on purpose: with ipywidgets 8.1.9 / jupyterlab_widgets 3.0.17 an Image with a tooltip
+    fails to render in JupyterLab ("Could not create a view", found by tests/test_browser.py); hover
+    text goes on the caption (:func:`caption_html`) instead.
+    """
     from ..plots import image_to_png
 
-    w = W.Image(value=image_to_png(image, scale=scale), format="png",
-                layout=W.Layout(width=layout.pop("width", f"{image.shape[-1] * scale}px"), **layout))
-    if tooltip:
-        w.tooltip = tooltip
-    return w
+    return W.Image(value=image_to_png(image, scale=scale), format="png",
+                   layout=W.Layout(width=layout.pop("width", f"{image.shape[-1] * scale}px"), **layout))
+
+
+def caption_html(markup: str, hover: str = "", css_class: str = "fb-caption") -> str:
+    """A caption block whose native hover text (``title``) is ``hover`` (escaped; newlines kept)."""
+    return (f"<div class='{css_class}' title='{html.escape(hover, quote=True)}' style='font-size:11px'>"
+            f"{markup}</div>")
 
 
 def html_table(rows: list[tuple], header: tuple) -> str:

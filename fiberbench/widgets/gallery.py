@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ._common import RunStopped, guarded, html_table, image_widget, show_error
+from ._common import RunStopped, caption_html, guarded, html_table, image_widget, show_error
 
 ANY = "any"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -138,7 +138,7 @@ class FiberGallery(W.VBox):
                                  description="preset", layout=W.Layout(width="220px"))
         self.n = W.BoundedIntText(value=n, min=1, max=256, description="n", layout=W.Layout(width="150px"))
         self.steps = W.BoundedIntText(value=steps or 0, min=0, max=2000, description="steps",
-                                      tooltip="0: the preset's", layout=W.Layout(width="160px"))
+                                      layout=W.Layout(width="160px"))  # 0: the preset's
         self.seed = W.IntText(value=seed, description="seed", layout=W.Layout(width="160px"))
         self.run_button = W.Button(description="Run", icon="play", button_style="primary")
         self.stop_button = W.Button(description="Stop", icon="stop", button_style="warning", disabled=True)
@@ -433,20 +433,20 @@ class FiberGallery(W.VBox):
 
         groups = self._groups(frame)
         n = result.n
-        ref_cell = W.VBox([image_widget(result.reference[0], scale=self.scale, tooltip="reference"),
-                           W.HTML("<b>reference</b>")], layout=W.Layout(border="3px solid #d62728", padding="2px"))
+        ref_cell = W.VBox([image_widget(result.reference[0], scale=self.scale),
+                           W.HTML(caption_html("<b>reference</b>", "the reference image"))], layout=W.Layout(border="3px solid #d62728", padding="2px"))
         ref_cell.add_class("fb-gallery-cell")
         ref_cell.add_class("fb-gallery-reference")
         cells = [ref_cell]
         for _, row in frame.iterrows():
             k = int(row["reference"]) * n + int(row["sample"])
             cap, hover = self._caption(row, groups)
-            img = image_widget(result.images[k], scale=self.scale, tooltip=hover)
+            img = image_widget(result.images[k], scale=self.scale)
             img.add_class("fb-gallery-image")
             btn = W.Button(description="Δ", tooltip="attribute deltas of this sample",
                            layout=W.Layout(width="40px", height="24px"))
             btn.on_click(self._details_handler(int(row["sample"])))
-            cell = W.VBox([img, W.HTML(f"<span style='font-size:11px'>{cap}</span>"), btn],
+            cell = W.VBox([img, W.HTML(caption_html(cap, hover)), btn],
                           layout=W.Layout(padding="2px"))
             cell.add_class("fb-gallery-cell")
             cells.append(cell)

@@ -54,8 +54,8 @@ class NullSpaceExplorer(W.VBox):
         self.view = W.ToggleButtons(options=list(VIEWS), value=VIEWS[0])
         self.summary = W.HTML()
         self.target = W.Text(value=concepts[0], description="steer to", placeholder="any text concept")
-        self.bound = W.FloatLogSlider(value=norm_bound, base=10, min=-2, max=1, step=0.1, description="bound",
-                                      tooltip="norm bound relative to each image's null component")
+        # the bound is relative to each image's own null component
+        self.bound = W.FloatLogSlider(value=norm_bound, base=10, min=-2, max=1, step=0.1, description="bound")
         self.steer_button = W.Button(description="Steer", icon="location-arrow", button_style="primary")
         self.steer_button.add_class("fb-steer")
         self.steer_result = W.HTML()
