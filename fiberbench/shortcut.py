@@ -235,7 +235,7 @@ def intervention(extractor, factors: Sequence[str] = FACTORS_JUDGED, n: int = 50
     for k, name in enumerate(factors):
         g = f[f["shape"].isin(CHIRAL)] if name == "mirror" else f
         hi = feats(render(intervene(g, name, seed=seed + 2 + k)))
-        change = (hi - h[torch.from_numpy(g.index.to_numpy())]).norm(dim=-1).mean() / base
+        change = (hi - h[torch.as_tensor(np.array(g.index), dtype=torch.long)]).norm(dim=-1).mean() / base
         rows.append({"extractor": getattr(extractor, "spec", type(extractor).__name__), "factor": name,
                      "change": float(change), "n": len(g)})
     return pd.DataFrame(rows)
