@@ -536,9 +536,19 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             raise ConfigError("metamer has no prior and so no SDEdit start; use init='noise'")
     elif init != "noise":
         raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star), got {init!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
     ref = as_image_batch(reference, name="reference")
     if reference_ids is not None and len(reference_ids) != ref.shape[0]:
         raise ConfigError(f"reference_ids has {len(reference_ids)} entries for {ref.shape[0]} references")
+    for spec, kind in ((prior, "prior"), (extractor, "extractor")):
+        if isinstance(spec, str):  # unknown names fail here, before either model is loaded
+            s = zoo.parse_spec(spec)
+            if s.source == "toy" and zoo._toy_kind(s.name) not in (
+                    ("flow", "diffusion") if kind == "prior" else ("classifier", "encoder")):
+                raise zoo._unknown_toy(s.name, kind)
 
     if isinstance(prior, str):
         prior = zoo.load_prior(prior)
@@ -651,10 +661,13 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
         cos = F.cosine_similarity(feats, tgt, dim=-1)
     status = []
     for r in range(M):
-        if not bool(finite[r]) or not bool(torch.isfinite(dist[r])):
-            status.append(f"failed: non-finite values ({int(faults[r])} faulty steps)")
+        skipped = f"{int(faults[r])} non-finite loss/gradient/state event(s) skipped during sampling"
+        if not bool(finite[r]):
+            status.append(f"failed: the sample's image is non-finite (set to 0); {skipped}")
+        elif not bool(torch.isfinite(dist[r])):
+            status.append(f"failed: the extractor gave non-finite features for the final image; {skipped}")
         elif faults[r] > 0:
-            status.append(f"recovered: {int(faults[r])} non-finite steps skipped")
+            status.append(f"recovered: {skipped}")
         else:
             status.append("ok")
     config.update(seconds=seconds, seconds_per_sample=seconds / M, batch_size_used=bs, oom_splits=oom_splits,
