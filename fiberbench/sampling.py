@@ -545,10 +545,10 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
         raise ConfigError(f"reference_ids has {len(reference_ids)} entries for {ref.shape[0]} references")
     for spec, kind in ((prior, "prior"), (extractor, "extractor")):
         if isinstance(spec, str):  # unknown names fail here, before either model is loaded
-            s = zoo.parse_spec(spec)
-            if s.source == "toy" and zoo._toy_kind(s.name) not in (
+            parsed = zoo.parse_spec(spec)
+            if parsed.source == "toy" and zoo._toy_kind(parsed.name) not in (
                     ("flow", "diffusion") if kind == "prior" else ("classifier", "encoder")):
-                raise zoo._unknown_toy(s.name, kind)
+                raise zoo._unknown_toy(parsed.name, kind)
 
     if isinstance(prior, str):
         prior = zoo.load_prior(prior)
