@@ -165,9 +165,11 @@ def test_fiber_gallery_in_jupyterlab(lab, tmp_path):
             heights = page.evaluate(BAR_HEIGHTS, ".fb-distance-plot")
             assert len(heights) == N and max(heights) > 0, heights
             # the live loss curve got a line, and fig.show() rendered the static gallery grid and loss curve
-            assert page.locator(".fb-loss-plot .js-plotly-plot .scatterlayer .trace").count() >= 1
-            assert page.locator(".jp-OutputArea-output .js-plotly-plot .imagelayer image").count() == N + 1
-            assert page.locator(".jp-OutputArea-output .js-plotly-plot").count() >= 4
+            assert page.locator(".fb-loss-plot .scatterlayer .trace").count() >= 1
+            # (plotly puts js-plotly-plot on the output element itself: no descendant selectors across them)
+            assert page.locator(".jp-RenderedPlotly").count() == 2
+            assert page.locator(".jp-RenderedPlotly .imagelayer image").count() == N + 1
+            assert page.locator(".js-plotly-plot").count() == 4
 
             # a user's click on Run: same settings, so the store answers
             page.click(".fb-run")

@@ -97,7 +97,7 @@ def test_gallery_run_click_then_store_hit(gallery, clip):
     # captions and hover carry the distance and the CLIP angle of each sample
     for cell, (_, row) in zip(g.cells[1:], fr.iterrows()):
         img, cap, _ = cell.children
-        assert f"d={row.feature_distance:.3f}" in cap.value
+        assert f"d={row.feature_distance:.3g}" in cap.value
         assert f"{row.clip_angle:.1f}°" in cap.value
         assert re.search(r"title='[^']*feature distance " + f"{row.feature_distance:.4f}", cap.value)  # hover
     # CLIP angles equal the angle between sample and reference embeddings
@@ -121,6 +121,8 @@ def test_gallery_run_click_then_store_hit(gallery, clip):
     assert torch.equal(g.result.images, first)
     assert g.last_run["seconds"] < t_first
     assert "loaded from the store" in g.status.value
+    from fiberbench.plots import image_to_png
+    assert [w.value for w in g._preview_images] == [image_to_png(first[k], scale=2) for k in range(N)]
     assert len(g.loss_figure.data[0].y) == STEPS  # the stored loss history is drawn again
 
 

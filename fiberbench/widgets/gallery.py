@@ -331,6 +331,7 @@ class FiberGallery(W.VBox):
             self.run_button.disabled, self.stop_button.disabled = False, True
 
     def _run_body(self) -> None:
+        from ..plots import image_to_png
         from ..store import cached_sample_fiber
 
         t0 = time.perf_counter()
@@ -349,8 +350,11 @@ class FiberGallery(W.VBox):
                                      reference_ids=[ref_id], batch_size=self.batch_size, **cfg)
         from_store = bool(result.config.get("from_store"))
         self.progress.value = self.progress.max
-        if from_store and result.loss_history is not None:
-            self._set_loss_curve(result.loss_history)
+        if from_store:  # no steps ran: show the stored final samples and loss curve instead
+            if result.loss_history is not None:
+                self._set_loss_curve(result.loss_history)
+            for k, w in enumerate(self._preview_images):
+                w.value = image_to_png(result.images[k], scale=2)
         scores = self._score(result, caption)
         self.result = result
         self.frame = fiber_table(result, scores)
@@ -360,7 +364,7 @@ class FiberGallery(W.VBox):
                          "store_key": result.config.get("store_key")}
         where = "loaded from the store" if from_store else f"sampled ({result.config['seconds_per_sample']:.2f} s/sample)"
         self.status.value = (f"<span class='fb-done'>{len(self.frame)} samples {where} in {seconds:.2f} s; "
-                             f"median distance {self.frame['feature_distance'].median():.4f}</span>")
+                             f"median distance {self.frame['feature_distance'].median():.3g}</span>")
 
     def _score(self, result, caption: str) -> pd.DataFrame | None:
         from ..semantics import score_fiber
@@ -416,7 +420,7 @@ class FiberGallery(W.VBox):
         return [c[:-len("_changed")] for c in frame.columns if c.endswith("_changed")]
 
     def _caption(self, row: pd.Series, groups: Sequence[str]) -> tuple[str, str]:
-        parts = [f"d={row['feature_distance']:.3f}"]
+        parts = [f"d={row['feature_distance']:.3g}"]  # distances of logits can be ~1e-4: significant digits
         if "clip_angle" in row and pd.notna(row.get("clip_angle")):
             parts.append(f"{row['clip_angle']:.1f}°")
         ch = changed_attributes(row, groups)
