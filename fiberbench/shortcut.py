@@ -309,7 +309,7 @@ def label_agreement(result, judge, *, reference_labels: pd.DataFrame | None = No
 # --------------------------------------------------------------------------- pictures and words
 
 def retention_plot(summary: pd.DataFrame, *, x: str = "factor", color: str = "extractor",
-                   title: str = "retention inside fibers (95% bootstrap CI over references)", save_to=None,
+                   title: str = "retention inside fibers (95% CI over references)", save_to=None,
                    **save_kw):
     """Retention per factor, side by side per model, with CIs and each factor's chance level (dashes).
 
@@ -320,12 +320,14 @@ def retention_plot(summary: pd.DataFrame, *, x: str = "factor", color: str = "ex
 
     plots._require(summary, [x, color, "mean", "ci_low", "ci_high", "chance"], "retention_plot")
     fig = plots.bars(summary, x, "mean", color=color, lo="ci_low", hi="ci_high", title=title,
-                     y_title="retention (fraction of samples keeping the reference's value)", y_range=(0, 1.05))
+                     y_title="retention", y_range=(0, 1.05))
     chance = summary.groupby(x, sort=False)["chance"].mean()
     go = plots._go()
     fig.add_trace(go.Scatter(x=[str(c) for c in chance.index], y=chance.to_numpy(float), mode="markers",
                              marker=dict(symbol="line-ew-open", size=40, color="black", line=dict(width=2)),
                              name="chance", hovertemplate="chance %{y:.3f}<extra></extra>"))
+    fig.update_layout(width=max(fig.layout.width or 0, 620), height=400,
+                      legend=dict(orientation="h", yanchor="top", y=-0.15, xanchor="left", x=0))
     return plots._finish(fig, save_to, **save_kw)
 
 
