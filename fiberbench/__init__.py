@@ -14,7 +14,7 @@ Quick API::
 """
 __version__ = "0.1.0"
 
-from . import toy  # noqa: F401,E402
+from . import io, toy  # noqa: F401,E402
 from .errors import ConfigError, InputError  # noqa: F401,E402
 from .zoo import list_models, load_clip, load_extractor, load_prior, parse_spec  # noqa: F401,E402
 

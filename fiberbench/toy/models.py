@@ -182,3 +182,17 @@ def load_toy_module(name: str, root: Path | None = None) -> tuple[nn.Module, dic
 
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def cards_markdown(root: Path | None = None) -> str:
+    """A Markdown table of every shipped toy model: what it is, size, training time and measured metrics."""
+    lines = ["| spec | kind | parameters | training | metrics (fresh seeds) |", "|---|---|---|---|---|"]
+    for name in available(root):
+        card = read_card(name, root)
+        tr = card.get("training", {})
+        metrics = {k: v for k, v in card.get("metrics", {}).items() if isinstance(v, (int, float))}
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        steps = tr.get("steps")
+        lines.append(f"| `{card.get('spec')}` | {card.get('kind')} | {card.get('parameters', 0) / 1e6:.2f} M | "
+                     f"{steps} steps, {tr.get('seconds', 0) / 60:.0f} min | {shown} |")
+    return "\n".join(lines) + "\n"

@@ -91,12 +91,15 @@ def prior_card(kind: str) -> dict[str, Any]:
 def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | None = None, batch: int = 64,
                 lr: float = 2e-3, warmup: int = 200, ema_decay: float = 0.999, seed: int = 0,
                 save_every: int = 500, bf16: bool = True, root: Path | None = None, resume: bool = False,
-                log: Callable[[str], None] = print) -> dict:
+                init_from: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Train a toy prior; save EMA weights + card every ``save_every`` steps and at the end.
 
     ``bf16`` runs forward/backward under CPU bf16 autocast (fp32 master and
     EMA weights): 1.7x faster per step on this machine's AVX512-BF16 cores.
-    ``resume`` continues from the saved (EMA) weights and step count of an
+    ``init_from`` starts from another toy model's weights (same architecture),
+    e.g. the DDPM prior from the flow prior: the network already knows the
+    world; only its output (epsilon instead of velocity) and time embedding
+    must adapt. ``resume`` continues from the saved (EMA) weights and step count of an
     interrupted run (the optimiser restarts with a fresh warm-up); the card's
     ``seconds`` then adds both runs' wall time.
 
@@ -115,6 +118,13 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     t0 = time.time()
     step, losses = 0, []
     resumed = []
+    if init_from is not None:
+        src = M.read_card(init_from, root)
+        M.load_weights(init_from, net, root)
+        ema = EMA(net, ema_decay)
+        card["initialised_from"] = {"model": init_from, "steps": src.get("training", {}).get("steps"),
+                                    "seconds": src.get("training", {}).get("seconds")}
+        log(f"[{name}] initialised from {init_from}")
     if resume and M.weights_path(name, root).exists():
         old = M.read_card(name, root).get("training", {})
         M.load_weights(name, net, root)
@@ -143,6 +153,11 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
         if max_steps is not None and step >= max_steps:
             break
         if max_steps is None and time.time() - t0 > minutes * 60:
+            break
+        stop_file = (root or M.models_dir()) / f"{name}.stop"
+        if step % 100 == 0 and stop_file.exists():  # `touch data/models/<name>.stop` ends a run cleanly
+            stop_file.unlink()
+            log(f"[{name}] stop file found at step {step}")
             break
         x0, _ = world_batch(batch, step)
         x0 = x0 * 2 - 1
