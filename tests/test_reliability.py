@@ -37,6 +37,15 @@ HYP = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.t
                                                                    HealthCheck.function_scoped_fixture])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: with two OpenMP threads on a busy 2-core machine one call took 230 s instead of 1 s."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # =========================================================================== images
 
 def _png16(path: Path, arr: np.ndarray) -> Path:
@@ -500,7 +509,10 @@ def test_non_finite_state_falls_back_to_the_unguided_step_for_that_sample(prior_
 def test_simulated_oom_in_the_extractor_splits_and_other_errors_are_not_retried(prior_fm, shape_resnet, monkeypatch):
     ref, _ = fb.toy.references(1, seed=23)
     kw = dict(n=4, method="ndtm", preset="toy", steps=3, seed=0, progress=False, batch_size=4)
-    expected = sample_fiber(prior_fm, shape_resnet, ref, **kw)
+    # what asking for batch_size=2 in the first place gives: the retry must reproduce it bit for bit (no sample
+    # lost, repeated or drawn from generators the failed attempt had advanced). Equality with batch_size=4
+    # is batch-size invariance of the sampler itself (test_sampling), which holds only to round-off.
+    expected = sample_fiber(prior_fm, shape_resnet, ref, **{**kw, "batch_size": 2})
     seen = []
 
     class OOMAbove2(torch.nn.Module):
@@ -514,7 +526,7 @@ def test_simulated_oom_in_the_extractor_splits_and_other_errors_are_not_retried(
 
     got = sample_fiber(prior_fm, OOMAbove2(), ref, **kw)
     assert got.config["oom_splits"] == 1 and got.config["batch_size_used"] == 2
-    assert torch.allclose(got.images, expected.images, atol=1e-5)
+    assert torch.equal(got.images, expected.images) and torch.equal(got.feature_distance, expected.feature_distance)
     assert all(s == "ok" for s in got.status)
     assert seen[:2] == [1, 4] and set(seen[2:]) == {2}, seen  # reference, the failed batch, then halves
 
@@ -540,16 +552,17 @@ def _rss_mb() -> float:
 
 def test_memory_stays_flat_over_ten_repeated_calls(prior_fm, shape_resnet):
     ref, _ = fb.toy.references(1, seed=24)
-    kw = dict(n=2, method="ndtm", preset="toy", steps=3, seed=0, progress=False)
-    tensors, rss = [], []
-    for _ in range(10):
+    kw = dict(n=2, method="ndtm", preset="toy", steps=2, seed=0, progress=False)  # 1 guided step of 4 inner
+    tensors, rss = {}, []
+    for i in range(10):
         res = sample_fiber(prior_fm, shape_resnet, ref, **kw)
         assert res.images.grad_fn is None and not res.images.requires_grad
         del res
         gc.collect()
-        tensors.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o)))
         rss.append(_rss_mb())
-    assert max(tensors[2:]) == min(tensors[2:]), tensors  # not one tensor more after the warm-up calls
+        if i in (2, 5, 9):  # scanning every object is slow: count live tensors after calls 3, 6 and 10
+            tensors[i] = sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    assert len(set(tensors.values())) == 1, tensors  # not one tensor more after the warm-up calls
     assert rss[-1] - rss[2] < 25, rss  # MB; a leaked graph per call would add its activations every time
 
 
