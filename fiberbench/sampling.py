@@ -666,6 +666,9 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             status.append(f"failed: the sample's image is non-finite (set to 0); {skipped}")
         elif not bool(torch.isfinite(dist[r])):
             status.append(f"failed: the extractor gave non-finite features for the final image; {skipped}")
+        elif faults[r] > 0 and method in ("ndtm", "dps") and faults[r] >= calls["extractor"]:
+            status.append(f"failed: every guided update was non-finite and skipped ({int(faults[r])}); "
+                          f"the sample is effectively unguided")
         elif faults[r] > 0:
             status.append(f"recovered: {skipped}")
         else:

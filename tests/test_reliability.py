@@ -416,7 +416,7 @@ class Faulty(torch.nn.Module):
     """A deliberately broken extractor around a real one, on sample batches (>= 2 rows) only:
 
     - ``nan_rows``: NaN features always (also for the final image);
-    - ``grad_rows``: finite features but NaN gradients;
+    - ``grad_rows``: finite features but NaN gradients (every guided update is skipped);
     - ``transient_rows``: NaN features in the first ``transient_calls`` gradient-carrying calls only.
     """
 
@@ -457,7 +457,8 @@ def test_nan_injection_marks_only_the_broken_samples_and_the_rest_finish(prior_f
     st_ = res.status
     assert st_[1].startswith("failed: the extractor gave non-finite features for the final image")
     assert st_[3].startswith("failed:") and f"{guided_calls} non-finite" in st_[3]
-    assert st_[2] == f"recovered: {guided_calls} non-finite loss/gradient/state event(s) skipped during sampling"
+    assert st_[2] == f"failed: every guided update was non-finite and skipped ({guided_calls}); " \
+                     f"the sample is effectively unguided"
     assert st_[0] == "recovered: 2 non-finite loss/gradient/state event(s) skipped during sampling"
     assert st_[4] == st_[5] == "ok"
     assert list(res.to_frame()["status"]) == st_
