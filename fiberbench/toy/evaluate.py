@@ -58,7 +58,7 @@ def eval_classifier(extractor, target: str, n: int = 2000, seed: int = EVAL_SEED
     for name in FACTORS:
         g = f[f["shape"].isin(CHIRAL)] if name == "mirror" else f
         xi = render(intervene(g, name, seed=seed + 2))
-        li = logits[torch.from_numpy(g.index.to_numpy())]
+        li = logits[torch.from_numpy(g.index.to_numpy().copy())]
         out[f"logit_change_{name}"] = float((_batched(extractor, xi) - li).norm(dim=-1).mean() / base)
     out["eval"] = {"n": n, "seed": seed}
     return out
