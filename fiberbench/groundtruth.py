@@ -36,13 +36,14 @@ reference, the method draws ``n`` fiber samples; the oracle judges them
 
 "The prior" is the data distribution the toy priors were trained on, seen
 through the same judge: the oracle's labels of fresh renders. The per-factor
-estimate is the mean of the per-fiber ratios (≈ 1: the factor varies inside
-fibers as freely as in the world, i.e. the sampler says "invariant"; 0: fibers
-keep it fixed, "sensitive"). It is computed on **oracle-valid samples only**
-(a junk image's labels say nothing about a factor; fibers with fewer than
-``min_samples`` valid samples are skipped; the counts are reported per pair);
-the same numbers on all samples are reported beside them
-(``*_all_samples``). ``mirror`` uses only the samples the oracle calls chiral.
+estimate is the mean of the per-fiber ratios weighted by their sample counts
+(≈ 1: the factor varies inside fibers as freely as in the world, i.e. the
+sampler says "invariant"; 0: fibers keep it fixed, "sensitive"). It is computed
+on **oracle-valid samples only** (a junk image's labels say nothing about a
+factor; fibers with fewer than ``min_samples`` (3) valid samples are skipped;
+the counts are reported per pair); the same numbers on all samples are reported
+beside them (``*_all_samples``). ``mirror`` uses only the samples the oracle
+calls chiral.
 
 Per method the benchmark reports ``recovery_auroc`` (AUROC of the estimate for
 separating invariant from sensitive pairs; 0.5 = chance, 1 = perfect),
@@ -170,7 +171,7 @@ def _entropy_bits(counts: np.ndarray) -> float:
 
 
 def fiber_factor_stats(samples: pd.DataFrame, prior: pd.DataFrame, *, only_valid: bool = True,
-                       min_samples: int = 2, n_mc: int = 4000, seed: int = 0) -> pd.DataFrame:
+                       min_samples: int = 3, n_mc: int = 4000, seed: int = 0) -> pd.DataFrame:
     """Per fiber and factor: how freely the factor varies inside the fiber relative to the prior.
 
     Args:
@@ -179,7 +180,7 @@ def fiber_factor_stats(samples: pd.DataFrame, prior: pd.DataFrame, *, only_valid
         prior: oracle frame of the prior's samples (the reference distribution), same columns.
         only_valid: use only samples (and prior rows) with ``valid`` True.
         min_samples: fibers with fewer usable samples for a factor are skipped (an entropy or a
-            variance needs at least 2).
+            variance needs at least 2; 2 samples give a very noisy ratio).
 
     Returns:
         One row per (fiber, factor) with ``n`` usable samples: ``statistic`` (``entropy_ratio`` |
@@ -232,7 +233,8 @@ def fiber_factor_stats(samples: pd.DataFrame, prior: pd.DataFrame, *, only_valid
 
 
 def estimated_invariance(stats: pd.DataFrame) -> pd.DataFrame:
-    """Per factor: ``estimated`` = mean per-fiber ratio, ``fibers`` and ``samples`` it rests on.
+    """Per factor: ``estimated`` = mean per-fiber ratio weighted by the fiber's usable samples (small fibers
+    give noisy ratios), ``fibers`` and ``samples`` it rests on.
 
     Factors with no usable fiber get ``estimated = NaN`` and ``fibers = 0``.
     """
@@ -241,8 +243,10 @@ def estimated_invariance(stats: pd.DataFrame) -> pd.DataFrame:
     if stats.empty:
         agg = pd.DataFrame(columns=["estimated", "fibers", "samples"])
     else:
-        agg = stats.groupby("factor").agg(estimated=("ratio", "mean"), fibers=("ratio", "count"),
-                                          samples=("n", "sum"))
+        ok = stats[np.isfinite(stats["ratio"].to_numpy(float))].assign(w=lambda d: d["ratio"] * d["n"])
+        agg = ok.groupby("factor").agg(wsum=("w", "sum"), fibers=("ratio", "count"), samples=("n", "sum"))
+        agg["estimated"] = agg["wsum"] / agg["samples"]
+        agg = agg[["estimated", "fibers", "samples"]]
     agg = agg.reindex(list(FACTORS))
     agg["fibers"] = agg["fibers"].fillna(0).astype(int)
     agg["samples"] = agg["samples"].fillna(0).astype(int)
@@ -253,7 +257,7 @@ def estimated_invariance(stats: pd.DataFrame) -> pd.DataFrame:
 
 def recovery_auroc(true: Sequence[float], estimated: Sequence[float], *, invariant: float = INVARIANT,
                    sensitive: float = SENSITIVE) -> float:
-    """AUROC of ``estimated`` for telling invariant pairs (true >= ``invariant``) from sensitive ones (<= ``sensitive``).
+    """AUROC of ``estimated`` telling invariant pairs (true >= ``invariant``) from sensitive ones (<= ``sensitive``).
 
     Mann-Whitney form with ties counted 1/2: the probability that a random invariant pair gets a higher
     estimate than a random sensitive one. Pairs with a NaN estimate or a partial true score are left
@@ -364,7 +368,7 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
                          references: int | None = None, n: int | None = None, steps: int | None = None,
                          truth_n: int | None = None, prior_n: int = 1024,
                          settings: Mapping[str, Mapping[str, Any]] | None = None,
-                         save_to: str | Path | None = "out/bench", min_samples: int = 2,
+                         save_to: str | Path | None = "out/bench", min_samples: int = 3,
                          progress: bool = False) -> dict[str, Any]:
     """Score fiber samplers against the true invariances of the toy extractors.
 

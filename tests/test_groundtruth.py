@@ -77,7 +77,7 @@ def test_fiber_stats_known_answers():
     f1 = [{"fiber": 1, "shape": "arrow", "mirror": m} for m in (False, True)] + [{"fiber": 1}] * 4
     # fiber 2: a single valid sample -> skipped for every factor
     f2 = [{"fiber": 2}, {"fiber": 2, "valid": False}]
-    stats = G.fiber_factor_stats(_frame(f0 + f1 + f2), prior, n_mc=20000)
+    stats = G.fiber_factor_stats(_frame(f0 + f1 + f2), prior, n_mc=20000, min_samples=2)
     s = stats.set_index(["fiber", "factor"])
     assert set(stats["fiber"]) == {0, 1}
     assert s.loc[(0, "shape"), "ratio"] == 0.0 and s.loc[(0, "shape"), "n"] == 6  # the junk square is ignored
@@ -94,7 +94,8 @@ def test_fiber_stats_known_answers():
     assert s.loc[(1, "mirror"), "ratio"] == pytest.approx(1.0 / expected_plugin_entropy(np.ones(2), 2, 20000, 0))
     assert s.loc[(1, "shape"), "ratio"] > 0  # arrows among circles
     # with junk kept, fiber 0 sees a square: shape is no longer fixed
-    all_s = G.fiber_factor_stats(_frame(f0 + f1 + f2), prior, only_valid=False).set_index(["fiber", "factor"])
+    all_s = G.fiber_factor_stats(_frame(f0 + f1 + f2), prior, only_valid=False,
+                                 min_samples=2).set_index(["fiber", "factor"])
     assert all_s.loc[(0, "shape"), "ratio"] > 0 and all_s.loc[(0, "shape"), "n"] == 7
     assert (2, "shape") in all_s.index
 
@@ -104,6 +105,13 @@ def test_fiber_stats_known_answers():
     assert est.loc["shape", "fibers"] == 2 and est.loc["shape", "samples"] == 12
     assert est.loc["size", "estimated"] == 0.0
     assert est.loc["color", "estimated"] == pytest.approx((s.loc[(0, "color"), "ratio"] + 0.0) / 2)
+    # default min_samples=3: the 2-arrow mirror fiber is too small to count
+    assert G.estimated_invariance(G.fiber_factor_stats(_frame(f0 + f1 + f2), prior)).set_index("factor").loc[
+        "mirror", "fibers"] == 0
+    # the estimate weights fibers by their usable samples
+    w = pd.DataFrame({"fiber": [0, 1], "factor": ["x", "x"], "n": [2, 6], "statistic": "variance_ratio",
+                      "value": 0.0, "baseline": 1.0, "ratio": [1.0, 0.0]})
+    assert G.estimated_invariance(w).set_index("factor").loc["x", "estimated"] == pytest.approx(2 / 8)
     empty = G.estimated_invariance(stats.iloc[0:0])
     assert empty["estimated"].isna().all() and (empty["fibers"] == 0).all()
 
