@@ -388,7 +388,8 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
         ``{method: {"recovery_auroc", "rank_correlation", "recovery_auroc_all_samples",
         "rank_correlation_all_samples", "feature_match", "validity", "seconds_per_sample",
         "per_extractor": [...], "table": [one dict per extractor x factor pair], "settings", "run"}}``
-        (JSON-able; ``run`` holds the sizes, the true-invariance table's source and the figure paths).
+        (strict JSON: a missing value, e.g. the AUROC of a method with no valid sample, is ``None``;
+        ``run`` holds the sizes, the true-invariance table and the figure paths).
     """
     from . import load_extractor, load_prior, toy
     from .sampling import METHODS, PRESETS, sample_fiber
@@ -472,4 +473,17 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
     run["seconds"] = time.perf_counter() - t_start
     for m in out.values():
         m["run"] = run
-    return out
+    return _json_safe(out)
+
+
+def _json_safe(obj):
+    """NaN -> None (strict JSON has no NaN: a missing estimate prints as null)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
