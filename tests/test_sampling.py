@@ -124,7 +124,7 @@ def _tiny_unet(channels=3, size=16):
 
 def _save_pipeline(root, components: dict):
     """Lay out a diffusers pipeline folder like a hub snapshot."""
-    index = {"_class_name": "DiffusionPipeline", "_diffusers_version": "0.30.0"}
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": "0.30.0"}
     for name, obj in components.items():
         obj.save_pretrained(root / name) if hasattr(obj, "save_pretrained") else obj.save_config(root / name)
         index[name] = ["diffusers", type(obj).__name__]
@@ -142,18 +142,26 @@ def _make_prior_dir(tmp_path, kind):
         return _save_pipeline(root, {"unet": _tiny_unet(), "scheduler": DDPMScheduler(prediction_type="v_prediction")})
     if kind == "pixel-flow":
         return _save_pipeline(root, {"unet": _tiny_unet(), "scheduler": FlowMatchEulerDiscreteScheduler()})
-    if kind == "latent":
-        torch.manual_seed(0)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            norm_num_groups=8, sample_size=16)
-        return _save_pipeline(root, {"unet": _tiny_unet(4, 8), "vae": vae, "scheduler": DDPMScheduler()})
     raise AssertionError(kind)
+
+
+def _latent_prior():
+    """A latent prior built from components (hub-layout loading of latent pipelines: tests/test_hub.py)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from fiberbench.priors import LatentPrior
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8, sample_size=16)
+    return LatentPrior(_tiny_unet(4, 8), vae, DDPMScheduler(), kind="diffusion", prediction_type="epsilon",
+                       spec="diffusers/tiny-latent")
 
 
 @pytest.mark.parametrize("kind", ["pixel-eps", "pixel-v", "pixel-flow", "latent"])
 def test_every_prior_kind_runs_through_the_same_sampler(tmp_path, kind):
-    prior = fb.load_prior(f"diffusers/{_make_prior_dir(tmp_path, kind)}")
+    prior = _latent_prior() if kind == "latent" else fb.load_prior(f"diffusers/{_make_prior_dir(tmp_path, kind)}")
     assert prior.image_size == 16 and prior.latent == (kind == "latent")
     torch.manual_seed(0)
     ext = LinearExtractor(torch.randn(6, 3 * 16 * 16) / 30)
