@@ -30,3 +30,44 @@ def shape_resnet():
 def color_vit():
     import fiberbench as fb
     return fb.load_extractor("toy/color-vit@logits")
+
+
+def build_tiny_clip(embed_dim: int = 32):
+    """A tiny random open_clip CLIP behind fiberbench's ClipModel (scores are arbitrary but deterministic)."""
+    from open_clip.model import CLIP
+
+    from fiberbench.semantics import ClipModel, toy_tokenizer
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=embed_dim, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                                  "head_width": 16},
+                 text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
+    return ClipModel(model, toy_tokenizer(16), spec="test/tiny-clip",
+                     preprocess_cfg={"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    return build_tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def models_dir(request, tmp_path_factory):
+    """A private copy of the toy models named by the test module's ``MODELS`` (weights a test may tamper
+    with, e.g. to check checksums, without touching data/models); ``FIBERBENCH_MODELS`` points at it."""
+    import shutil
+
+    from fiberbench.toy import models as M
+
+    src = M.models_dir()
+    dst = tmp_path_factory.mktemp("models")
+    for name in request.module.MODELS:
+        for p in src.glob(f"{name}.*"):
+            shutil.copy2(p, dst / p.name)
+    old = os.environ.get("FIBERBENCH_MODELS")
+    os.environ["FIBERBENCH_MODELS"] = str(dst)
+    yield dst
+    if old is None:
+        os.environ.pop("FIBERBENCH_MODELS", None)
+    else:
+        os.environ["FIBERBENCH_MODELS"] = old

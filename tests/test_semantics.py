@@ -20,20 +20,6 @@ SAMPLE_COLUMNS = ["run_id", "extractor", "method", "reference", "reference_id", 
                   "clip_cosine"]
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    from open_clip.model import CLIP
-
-    from fiberbench.semantics import ClipModel, toy_tokenizer
-
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                           "head_width": 16},
-                 text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
-    return ClipModel(model, toy_tokenizer(16), spec="test/tiny-clip",
-                     preprocess_cfg={"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
-
-
 def _fake_result(n_ref=3, n=4, seed=0):
     """A FiberResult whose fiber 0 is n copies of its reference and the others fresh renders."""
     from fiberbench.sampling import FiberResult

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import build_tiny_clip
 import torch
 
 import fiberbench as fb
@@ -119,20 +120,7 @@ def test_retention_counts_exactly_on_constructed_fibers(oracle):
     with pytest.raises(InputError, match="judge"):
         S.retention(res, object(), ["shape"])
     with pytest.raises(ConfigError, match="valid="):
-        S.retention(res, _tiny_clip(), ["shape"], only_valid=True)
-
-
-def _tiny_clip():
-    from open_clip.model import CLIP
-
-    from fiberbench.semantics import ClipModel, toy_tokenizer
-
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                           "head_width": 16},
-                 text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
-    return ClipModel(model, toy_tokenizer(16), spec="test/tiny-clip",
-                     preprocess_cfg={"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+        S.retention(res, build_tiny_clip(16), ["shape"], only_valid=True)
 
 
 # --------------------------------------------------------------------------- retention on sampled fibers

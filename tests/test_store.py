@@ -1,6 +1,5 @@
 """Results store: round trips, content keys, atomic commits, corruption detection, path safety."""
 import os
-import shutil
 import time
 import warnings
 
@@ -13,25 +12,6 @@ from fiberbench.store import Store, cached_sample_fiber, check_name, config_from
 
 MODELS = ("prior-fm", "shape-resnet")
 KW = dict(n=2, steps=5, preset="toy", progress=False)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    """A private copy of the toy models (stable weights while the shipped ones may still be retrained)."""
-    from fiberbench.toy import models as M
-
-    src = M.models_dir()
-    dst = tmp_path_factory.mktemp("models")
-    for name in MODELS:
-        for p in src.glob(f"{name}.*"):
-            shutil.copy2(p, dst / p.name)
-    old = os.environ.get("FIBERBENCH_MODELS")
-    os.environ["FIBERBENCH_MODELS"] = str(dst)
-    yield dst
-    if old is None:
-        os.environ.pop("FIBERBENCH_MODELS", None)
-    else:
-        os.environ["FIBERBENCH_MODELS"] = old
 
 
 @pytest.fixture(scope="module")

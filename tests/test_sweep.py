@@ -1,6 +1,5 @@
 """Sweeps: validation, expansion, resumable local runs (killed for real), and the Ray backend."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,25 +14,6 @@ from fiberbench.store import Store
 from fiberbench.sweep import expand, run_job, run_sweep
 
 MODELS = ("prior-fm", "shape-resnet")
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    """A private copy of the toy models (stable weights while the shipped ones may still be retrained)."""
-    from fiberbench.toy import models as M
-
-    src = M.models_dir()
-    dst = tmp_path_factory.mktemp("models")
-    for name in MODELS:
-        for p in src.glob(f"{name}.*"):
-            shutil.copy2(p, dst / p.name)
-    old = os.environ.get("FIBERBENCH_MODELS")
-    os.environ["FIBERBENCH_MODELS"] = str(dst)
-    yield dst
-    if old is None:
-        os.environ.pop("FIBERBENCH_MODELS", None)
-    else:
-        os.environ["FIBERBENCH_MODELS"] = old
 
 
 def small(name="t", refs=2, methods=("ndtm", "unguided"), **kw):

@@ -21,16 +21,9 @@ def _clip():
     but every number below is checked against the same model)."""
     if "toy/clip" in fb.list_models(kind="clip"):
         return fb.load_clip("toy/clip")
-    from open_clip.model import CLIP
+    from conftest import build_tiny_clip
 
-    from fiberbench.semantics import ClipModel, toy_tokenizer
-
-    torch.manual_seed(0)
-    model = CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
-                                           "head_width": 16},
-                 text_cfg={"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1})
-    return ClipModel(model, toy_tokenizer(16), spec="test/tiny-clip",
-                     preprocess_cfg={"size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    return build_tiny_clip()
 
 
 @pytest.fixture(scope="module")
