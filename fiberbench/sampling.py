@@ -137,8 +137,9 @@ class FiberProblem:
     target: torch.Tensor  # [M,D] fixed targets f(x_ref) per sample
     metric: str
     noise: NoiseSource
-    ref_latent: torch.Tensor | None = None  # [M,C,H,W] encode(x_ref) per sample (time-dependent target, sdedit)
-    ref_noise: torch.Tensor | None = None  # [M,C,H,W] fixed noise used for h_t
+    ref_latent: torch.Tensor | None = None  # [R,C,H,W] encode(x_ref) of the R references in this batch
+    ref_noise: torch.Tensor | None = None  # [R,C,H,W] fixed noise per reference used for h_t
+    ref_rows: torch.Tensor | None = None  # [M] which of the R references each sample belongs to
     autocast: torch.dtype | None = None
     calls: dict[str, int] = field(default_factory=lambda: {"denoiser": 0, "extractor": 0})
     faults: torch.Tensor | None = None  # [M] count of non-finite events per sample
@@ -172,10 +173,10 @@ class FiberProblem:
             return self.target
         if mode != "time":
             raise ConfigError(f"unknown target mode {mode!r}; use 'fixed' or 'time'")
-        with torch.no_grad():
+        with torch.no_grad():  # once per reference, not once per sample: samples of a fiber share h_t
             x_t = self.prior.add_noise(self.ref_latent, t, self.ref_noise)
             x0, _ = self.denoise(x_t, t)
-            return self.features(x0)
+            return self.features(x0)[self.ref_rows]
 
     def loss(self, x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample fiber loss ``[M]`` of prior-space x0."""
@@ -599,14 +600,16 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             prior=prior, extractor=extractor, target=ref_feats[per_ref.to(device)], metric=loss, noise=noise,
             autocast=dtype, trajectory=[] if return_trajectory else None)
         if ref_latent is not None:
-            problem.ref_latent = ref_latent[per_ref.to(device)]
+            uniq, rows_of = torch.unique(per_ref, return_inverse=True)
+            problem.ref_latent = ref_latent[uniq.to(device)]
+            problem.ref_rows = rows_of.to(device)
             # h_t noise: fixed per reference so all samples of a fiber share one target path
-            ref_gens = NoiseSource([sample_seed(seed, int(i), 1 << 30) for i in per_ref.tolist()],
+            ref_gens = NoiseSource([sample_seed(seed, int(i), 1 << 30) for i in uniq.tolist()],
                                    prior.sample_shape, device)
             problem.ref_noise = ref_gens.draw()
         if t_star is not None:
             sched = prior.schedule(steps, t_start=prior.time_at_tau(t_star))
-            x = prior.add_noise(problem.ref_latent, sched.times[0], noise.draw())
+            x = prior.add_noise(problem.ref_latent[problem.ref_rows], sched.times[0], noise.draw())
         else:
             sched = prior.schedule(steps)
             x = noise.draw() * sched.sigmas[0]  # alpha ~ 0 at the top time: pure noise
