@@ -52,8 +52,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fiber-colormnist": dict(steps=200, inner_steps=10, lr=2e-2, w_ctrl=3e-4, w_score=0.0, w_term=1.0, loss="l2",
                              gamma=[(0, 0, 1000, 500), (5, 5, 500, 0)], eta=1.0, target="fixed", adam_eps=1e-8),
     # ours, tuned on the shapes world with `fiberbench bench` (see docs/performance.md)
-    "toy": dict(steps=20, inner_steps=4, lr=0.05, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="cosine",
-                gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero"),
+    # eta=1 (stochastic steps) lets the prior wash out the high-frequency residue of Adam's sign-like
+    # control updates: on 12 references x 4 samples validity 0.50 -> 0.92 at feature match 1.00
+    # (eta 0 / lr 0.05 -> eta 1 / lr 0.1; see docs/performance.md)
+    "toy": dict(steps=20, inner_steps=4, lr=0.1, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="cosine",
+                gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=1.0, target="fixed", control_init="zero"),
 }
 
 NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_score=0.0, w_term=1.0,

@@ -72,8 +72,11 @@ def prior_card(kind: str) -> dict[str, Any]:
         base.update(name="prior-fm", spec="toy/prior-fm", kind="flow",
                     description="Rectified-flow prior of the shapes world (velocity v = noise - x0, "
                                 "x_t = (1 - sigma) x0 + sigma noise, timestep = 1000 sigma)",
+                    # shift 3 (as SD3) spends more of the few Euler steps at high noise, where the
+                    # background (a global, 3-way choice) is decided: at 20 steps, shift 1 over-produces
+                    # the mean (gray) background (TV 0.28 vs 0.055 with shift 3, measured on 256 samples)
                     scheduler={"class": "FlowMatchEulerDiscreteScheduler",
-                               "config": {"num_train_timesteps": 1000, "shift": 1.0}},
+                               "config": {"num_train_timesteps": 1000, "shift": 3.0}},
                     prediction_type="flow")
     elif kind == "ddpm":
         base.update(name="prior-ddpm", spec="toy/prior-ddpm", kind="diffusion",
@@ -118,6 +121,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     t0 = time.time()
     step, losses = 0, []
     resumed = []
+    lr_by_run = [lr]
     if init_from is not None:
         src = M.read_card(init_from, root)
         M.load_weights(init_from, net, root)
@@ -132,6 +136,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
         step = int(old.get("steps", 0))
         t0 -= float(old.get("seconds", 0.0))
         resumed = list(old.get("resumed_at_steps", [])) + [step]
+        lr_by_run = list(old.get("lr_by_run", [old.get("lr", lr)] * len(resumed))) + [lr]
         gen.manual_seed(seed + step)
         log(f"[{name}] resumed at step {step}")
 
@@ -144,6 +149,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
             "data": f"fresh renders every step: sample_factors(batch, {TRAIN_SEED_BASE} + step), "
                     f"{step * batch} images in all",
             "env": _env(), "finished": final, "resumed_at_steps": resumed,
+            "lr_by_run": lr_by_run,
         }
         card["parameters"] = M.count_params(net)
         M.save_weights(name, ema.shadow, root)
