@@ -218,7 +218,9 @@ def toy_fibers():
     return out
 
 
-@pytest.mark.slow
+# Measured 2026-11-30 (toy preset eta 1 / lr 0.1, prior-fm ~11.5k steps): Spearman 1.0 for both extractors;
+# CLIP vs oracle change rates: shape-resnet colour 0.78/0.78, shape 0.09/0.06; color-vit shape 0.59/0.66,
+# colour 0.06/0.06. Runs in the default suite (64 NDTM samples, ~1-3 min on 1 thread).
 @_have("prior-fm", "shape-resnet", "color-vit", "clip", "oracle")
 def test_fiber_change_rates_agree_with_oracle(toy_fibers):
     from fiberbench.semantics import change_rate_agreement
