@@ -50,8 +50,18 @@ separating invariant from sensitive pairs; 0.5 = chance, 1 = perfect),
 ``rank_correlation`` (Spearman between estimated and true over every
 extractor x factor pair with an estimate), ``feature_match`` (fraction of
 samples with cosine >= 0.95 to the reference's features, as
-:func:`fiberbench.bench.judge`), ``validity`` (oracle), ``seconds_per_sample``
-and the per-pair table.
+:func:`fiberbench.bench.judge`), ``validity`` (oracle), ``seconds_per_sample``,
+``training_seconds`` and the per-pair table.
+
+The trained baseline, ``method: "conditional"`` (:mod:`fiberbench.conditional`):
+a flow-matching generator conditioned on ``toy/shape-resnet``'s logits or
+pre-logits, trained with a fiber-loss term. It exists only for the extractors it
+was trained for; for every other extractor its ``per_extractor`` entry says
+``"not trained for this extractor"`` and it contributes no pair. Its
+``training_seconds`` is its training wall time (the training-free methods
+report 0; both start from the same prior). Because it covers fewer pairs, every
+method also gets ``on_conditional_extractors``: its scores on the same
+extractors only.
 """
 from __future__ import annotations
 
@@ -363,7 +373,7 @@ SETTINGS = {
 
 
 def run_invariance_bench(quick: bool = False, seed: int = 0, *,
-                         methods: Sequence[str] = ("ndtm", "dps", "metamer", "unguided"),
+                         methods: Sequence[str] | None = None,
                          extractors: Sequence[str] | None = None, prior: Any = "toy/prior-fm",
                          references: int | None = None, n: int | None = None, steps: int | None = None,
                          truth_n: int | None = None, prior_n: int = 1024,
@@ -376,8 +386,9 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
         quick: 8 references x 4 samples, 256 intervention references (default 12 x 8, 1000).
         seed: one seed for references, interventions and samples; outputs other than timings are
             identical per seed.
-        methods: sampler names (``fiberbench.sampling.METHODS``); each runs with ``SETTINGS[method]``
-            updated by ``settings[method]``.
+        methods: sampler names (``fiberbench.sampling.METHODS``) and/or ``"conditional"`` (the trained
+            baseline); each runs with ``SETTINGS[method]`` updated by ``settings[method]``. Default: ndtm, dps,
+            metamer, unguided, plus conditional when its model is shipped.
         extractors: spec strings (default :data:`EXTRACTORS`, skipping toy models not shipped yet).
         prior: a spec string or a loaded :class:`~fiberbench.priors.Prior`.
         references, n, steps, truth_n: override the sizes (``steps`` default: the toy preset's).
@@ -395,9 +406,12 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
     from .sampling import METHODS, PRESETS, sample_fiber
     from .toy import models as M
 
-    bad = [m for m in methods if m not in METHODS]
+    if methods is None:
+        methods = DEFAULT_METHODS + ((CONDITIONAL,) if _conditional_shipped() else ())
+    bad = [m for m in methods if m not in METHODS and m != CONDITIONAL]
     if bad:
-        raise ConfigError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+        raise ConfigError(f"unknown method(s) {bad}; choose from {list(METHODS) + [CONDITIONAL]}")
+    cond_model = _load_conditional_baseline() if CONDITIONAL in methods else None
     settings = {m: {**SETTINGS.get(m, {}), **dict((settings or {}).get(m, {}))} for m in methods}
     if extractors is None:
         have = set(M.available())
@@ -427,8 +441,14 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
         per_ext, pairs, secs_total, samples_total = [], [], 0.0, 0
         for spec, ext in exts.items():
             t0 = time.perf_counter()
-            res = sample_fiber(p, ext, refs, n=n, method=method, seed=seed, progress=progress,
-                               batch_size=64, **kw)
+            if method == CONDITIONAL:
+                res = _sample_conditional_baseline(cond_model, ext, spec, refs, n, seed, kw)
+                if res is None:
+                    per_ext.append({"extractor": spec, "status": NOT_TRAINED})
+                    continue
+            else:
+                res = sample_fiber(p, ext, refs, n=n, method=method, seed=seed, progress=progress,
+                                   batch_size=64, **kw)
             secs = time.perf_counter() - t0
             secs_total += secs
             samples_total += B * n
@@ -449,17 +469,21 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
                             "shape_kept": float((pred["shape"].to_numpy()
                                                  == np.repeat(ref_factors["shape"].to_numpy(), n)).mean()),
                             "seconds_per_sample": secs / (B * n)})
-        table = pd.DataFrame(pairs)
+        table = pd.DataFrame(pairs, columns=_PAIR_COLUMNS)
         all_pairs.append(table)
         m = score_method(table)
-        m["feature_match"] = float(np.mean([e["feature_match"] for e in per_ext]))
-        m["validity"] = float(np.mean([e["validity"] for e in per_ext]))
-        m["seconds_per_sample"] = secs_total / samples_total
+        scored = [e for e in per_ext if "feature_match" in e]
+        m["feature_match"] = float(np.mean([e["feature_match"] for e in scored])) if scored else float("nan")
+        m["validity"] = float(np.mean([e["validity"] for e in scored])) if scored else float("nan")
+        m["seconds_per_sample"] = secs_total / samples_total if samples_total else float("nan")
+        m.update(_training_info(method, cond_model))
         m["per_extractor"] = per_ext
         m["table"] = table.drop(columns="method").to_dict(orient="records")
         m["settings"] = {k: v for k, v in kw.items()}
         out[method] = m
 
+    if cond_model is not None:
+        _add_conditional_subset_scores(out, cond_model)
     run = {"references": B, "n": n, "steps": steps, "truth_n": truth_n, "prior_n": prior_n,
            "prior": prior if isinstance(prior, str) else getattr(prior, "spec", type(prior).__name__),
            "seed": seed,
@@ -468,12 +492,83 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
            "thresholds": {"invariant": INVARIANT, "sensitive": SENSITIVE},
            "truth_seconds": t_truth, "true_invariance": truth.to_dict(orient="records")}
     if save_to is not None:
-        fig = invariance_figure(pd.concat(all_pairs, ignore_index=True))
+        fig = invariance_figure(pd.concat([t for t in all_pairs if len(t)], ignore_index=True))
         run["figure"] = _save_figure(fig, Path(save_to), "invariance" + ("_quick" if quick else ""))
     run["seconds"] = time.perf_counter() - t_start
     for m in out.values():
         m["run"] = run
     return _json_safe(out)
+
+
+# --------------------------------------------------------------------------- the trained baseline ("conditional")
+# A generator trained per extractor (fiberbench.conditional); scored beside the training-free samplers.
+
+DEFAULT_METHODS = ("ndtm", "dps", "metamer", "unguided")
+CONDITIONAL = "conditional"
+NOT_TRAINED = "not trained for this extractor"
+SETTINGS[CONDITIONAL] = {"guidance": 2.0}  # classifier-free guidance; chosen on the card's seeds (70000)
+_PAIR_COLUMNS = ["method", "extractor", "factor", "true_invariance", "estimated", "fibers", "samples",
+                 "estimated_all_samples", "samples_all"]
+
+
+def _conditional_shipped() -> bool:
+    from .conditional import NAME
+    from .toy import models as M
+
+    return NAME in M.available()
+
+
+def _load_conditional_baseline():
+    from .conditional import NAME, load_conditional
+
+    if not _conditional_shipped():
+        raise ConfigError(f"method 'conditional' needs the trained model toy/{NAME} in data/models "
+                          f"(train it with fiberbench.conditional.train_conditional)")
+    return load_conditional()[0]
+
+
+def _sample_conditional_baseline(model, ext, spec: str, refs: torch.Tensor, n: int, seed: int,
+                                 kw: Mapping[str, Any]):
+    """The conditional model's fibers for ``spec``, or ``None`` when it was not trained for that extractor."""
+    from .conditional import sample_conditional, trained_for
+
+    if not trained_for(model.card, spec):
+        return None
+    return sample_conditional(model, ext, refs, n=n, seed=seed, batch_size=64, **dict(kw))
+
+
+def _training_info(method: str, cond_model) -> dict[str, Any]:
+    """``training_seconds`` of a method: the conditional model's training wall time, 0 for training-free ones
+    (all start from the same toy prior, whose training is not counted for either)."""
+    if method != CONDITIONAL:
+        return {"training_seconds": 0.0}
+    card = cond_model.card
+    tr = card["training"]
+    cond = card["architecture"]["config"]["condition"]
+    return {"training_seconds": float(tr["seconds"]),
+            "training": {"model": card["spec"], "steps": tr["steps"], "seconds": tr["seconds"],
+                         "trained_for": [f"{cond['extractor']}@{layer}" for layer in cond["dims"]],
+                         "initialised_from": card.get("initialised_from")}}
+
+
+def _add_conditional_subset_scores(out: dict[str, Any], cond_model) -> None:
+    """Every method's scores on the extractors the conditional model covers (``on_conditional_extractors``)."""
+    from .conditional import trained_for
+
+    for m in out.values():
+        table = pd.DataFrame(m["table"], columns=_PAIR_COLUMNS[1:])
+        keep = [trained_for(cond_model.card, spec) for spec in table["extractor"]]
+        sub = table[keep]
+        exts = [e for e in m["per_extractor"] if "feature_match" in e and trained_for(cond_model.card, e["extractor"])]
+        s = score_method(sub)
+        m["on_conditional_extractors"] = {
+            "extractors": sorted(set(sub["extractor"])),
+            "recovery_auroc": s["recovery_auroc"], "rank_correlation": s["rank_correlation"],
+            "pairs_estimated": s["pairs_estimated"],
+            "feature_match": float(np.mean([e["feature_match"] for e in exts])) if exts else float("nan"),
+            "validity": float(np.mean([e["validity"] for e in exts])) if exts else float("nan"),
+            "shape_kept": float(np.mean([e["shape_kept"] for e in exts])) if exts else float("nan"),
+        }
 
 
 def _json_safe(obj):
