@@ -433,10 +433,10 @@ def train_conditional(*, minutes: float = 22.0, max_steps: int | None = None, ba
 # --------------------------------------------------------------------------- evaluation (the card's metrics)
 
 def evaluate_conditional(model: FeatureConditionedFlow | None = None, *, references: int = 16, n: int = 8,
-                         steps: int = 20, seed: int = EVAL_SEED, guidance: float = 1.0) -> dict[str, Any]:
+                         steps: int = 20, seed: int = EVAL_SEED, guidance: float | None = None) -> dict[str, Any]:
     """Card metrics on fresh references (shapes cycled): per conditioning layer ``feature_match`` (cosine >= 0.95),
     ``mean_cosine``, ``validity`` (oracle), ``shape_kept`` and ``color_changed``; and the same model with the
-    null condition (``unconditional_*``: what the conditioning buys)."""
+    null condition (``unconditional_*``: what the conditioning buys). ``guidance=None``: the card's default."""
     from . import zoo
     from .bench import judge
     from .groundtruth import balanced_references
@@ -444,6 +444,8 @@ def evaluate_conditional(model: FeatureConditionedFlow | None = None, *, referen
 
     if model is None:
         model, _ = load_conditional()
+    if guidance is None:
+        guidance = float(model.card.get("sampling_default", {}).get("guidance", 1.0))
     oracle = load_oracle()
     refs, factors = balanced_references(references, seed=seed)
     out: dict[str, Any] = {}
