@@ -25,14 +25,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, close_matches
 
 METHODS = ("ndtm", "dps", "metamer", "unguided")
 LOSSES = ("l2", "cosine", "nl2")
@@ -66,6 +66,32 @@ DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
 UNGUIDED_DEFAULTS = dict(eta=0.0)
 DEFAULTS = {"ndtm": NDTM_DEFAULTS, "dps": DPS_DEFAULTS, "metamer": METAMER_DEFAULTS, "unguided": UNGUIDED_DEFAULTS}
+
+# What every hyper-parameter of DEFAULTS accepts; resolve_hyperparameters checks each value against its rule
+# (a test asserts every key of DEFAULTS has one). Bools are not numbers, numbers must be finite, counts must be
+# integers (4.0 is refused: ``range(4.0)`` would fail deep inside the sampler), strings one of the choices.
+# Upper bounds on counts catch typos such as inner_steps=40000 before hours of compute.
+HP_RULES: dict[str, dict[str, Any]] = {
+    "inner_steps": dict(kind="int", lo=0, hi=1000),
+    "iters": dict(kind="int", lo=1, hi=1_000_000),
+    "lr": dict(kind="real", lo=0.0),
+    "scale": dict(kind="real", lo=0.0),
+    "w_ctrl": dict(kind="real", lo=0.0),
+    "w_score": dict(kind="real", lo=0.0),
+    "w_term": dict(kind="real", lo=0.0),
+    "eta": dict(kind="real", lo=0.0, hi=1.0),
+    "grad_clip": dict(kind="real", lo=0.0, open_lo=True),  # 0 would zero every update
+    "adam_eps": dict(kind="real", lo=0.0, open_lo=True),  # 0 gives 0/0 = NaN in Adam for a row whose gradient is 0
+    "lr_decay": dict(kind="choice", choices=("linear", "constant")),
+    "target": dict(kind="choice", choices=("fixed", "time")),
+    "control_init": dict(kind="choice", choices=("zero", "warm")),
+    "gamma": dict(kind="gamma"),
+}
+
+# A sample whose fiber loss or gradient (or, for NDTM/DPS, next state) is non-finite goes back to its last
+# finite iterate with a fresh optimiser state and half its step size; a fault after MAX_HALVINGS halvings in a
+# row (no finite evaluation in between) gives up its guidance: the sample finishes unguided, marked failed.
+MAX_HALVINGS = 4
 
 
 # --------------------------------------------------------------------------- pieces
@@ -149,10 +175,57 @@ class FiberProblem:
     history: list[torch.Tensor] = field(default_factory=list)  # per step: [M] fiber loss (NaN where not computed)
     trajectory: list[torch.Tensor] | None = None
     _target_cache: dict = field(default_factory=dict)
+    # fault bookkeeping, all [M] on the CPU (see fault()):
+    events: dict[str, torch.Tensor] = field(default_factory=dict)  # "loss" | "gradient" | "state" -> count
+    halvings: torch.Tensor | None = None  # step-size halvings in all
+    scale_exp: torch.Tensor | None = None  # the current step scale is 0.5 ** scale_exp (NDTM: reset every step)
+    streak: torch.Tensor | None = None  # faults since the last finite evaluation
+    gave_up: torch.Tensor | None = None  # step/iteration at which guidance was given up, -1 while guided
+    updates: torch.Tensor | None = None  # guided updates taken with a finite loss and gradient
 
     def __post_init__(self):
+        m = self.target.shape[0]
         if self.faults is None:
-            self.faults = torch.zeros(self.target.shape[0], dtype=torch.long)
+            self.faults = torch.zeros(m, dtype=torch.long)
+        self.events = {k: torch.zeros(m, dtype=torch.long) for k in ("loss", "gradient", "state")}
+        self.halvings = torch.zeros(m, dtype=torch.long)
+        self.scale_exp = torch.zeros(m, dtype=torch.long)
+        self.streak = torch.zeros(m, dtype=torch.long)
+        self.gave_up = torch.full((m,), -1, dtype=torch.long)
+        self.updates = torch.zeros(m, dtype=torch.long)
+
+    def live(self) -> torch.Tensor:
+        """``[M]`` bool (on the targets' device): samples still guided (not given up)."""
+        return (self.gave_up < 0).to(self.target.device)
+
+    def step_scales(self) -> list[float]:
+        """Per-sample step-size factor ``0.5 ** scale_exp`` (exactly 1.0 for a sample without faults)."""
+        return [0.5 ** int(h) for h in self.scale_exp]
+
+    def fault(self, bad: torch.Tensor, kind: str, step: int, halve: bool = True) -> None:
+        """Book a non-finite ``kind`` (``loss`` | ``gradient`` | ``state``) for the samples in ``bad`` ([M] bool).
+
+        Each fault halves that sample's step scale (when ``halve``); a fault that follows ``MAX_HALVINGS``
+        others with no finite evaluation in between gives up its guidance at ``step`` instead. Samples
+        already given up are not booked again.
+        """
+        bad = bad.detach().cpu() & (self.gave_up < 0)
+        if not bad.any():
+            return
+        self.faults[bad] += 1
+        self.events[kind][bad] += 1
+        give_up = bad & (self.streak >= MAX_HALVINGS)
+        self.streak[bad] += 1
+        if halve:
+            self.halvings[bad & ~give_up] += 1
+            self.scale_exp[bad & ~give_up] += 1
+        self.gave_up[give_up] = step
+
+    def finite(self, ok: torch.Tensor) -> None:
+        """The samples in ``ok`` ([M] bool) had a finite evaluation and take their update: their streak ends."""
+        ok = ok.detach().cpu()
+        self.streak[ok] = 0
+        self.updates[ok] += 1
 
     def _amp(self):
         dev = self.target.device.type
@@ -196,6 +269,87 @@ def _finite_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
 
 
+class RowAdam:
+    """Adam on a batched tensor ``[M,...]`` whose rows (samples) each have their own state, step count and lr.
+
+    The arithmetic is ``torch.optim.Adam``'s (its single-tensor path, no weight decay), so rows that are never
+    reset step bit for bit as a batched ``torch.optim.Adam`` would; unlike it, one row can be given a fresh
+    state (moments 0, step count 0: its next step is a first Adam step again) and its own learning rate
+    without touching the others. ``param`` is updated in place.
+    """
+
+    def __init__(self, param: torch.Tensor, lr: Sequence[float], betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.param, self.lr, self.betas, self.eps = param, [float(v) for v in lr], betas, eps
+        self.m = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.v = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.steps = [0] * param.shape[0]
+
+    def reset(self, rows: torch.Tensor, lr: Sequence[float]) -> None:
+        """Fresh state for the rows in ``rows`` ([M] bool) and new learning rates ``lr`` (one per row, all M)."""
+        with torch.no_grad():
+            self.m[rows] = 0
+            self.v[rows] = 0
+        for r in rows.nonzero().flatten().tolist():
+            self.steps[r] = 0
+            self.lr[r] = float(lr[r])
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, rows: torch.Tensor) -> None:
+        """One Adam step with ``grad`` ``[M,...]`` for the rows in ``rows`` ([M] bool); other rows stay as they are."""
+        b1, b2 = self.betas
+        idx = rows.nonzero().flatten().tolist()
+        if not idx:
+            return
+        full = len(idx) == self.param.shape[0]
+        if full:
+            self.m.lerp_(grad, 1 - b1)
+            self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        else:
+            sel = torch.tensor(idx, device=self.param.device)
+            self.m[sel] = self.m[sel].lerp_(grad[sel], 1 - b1)
+            self.v[sel] = self.v[sel].mul_(b2).addcmul_(grad[sel], grad[sel], value=1 - b2)
+        groups: dict[tuple[int, float], list[int]] = {}
+        for r in idx:
+            self.steps[r] += 1
+            groups.setdefault((self.steps[r], self.lr[r]), []).append(r)
+        for (step, lr), members in groups.items():
+            step_size = lr / (1 - b1 ** float(step))
+            bc2_sqrt = (1 - b2 ** float(step)) ** 0.5
+            if full and len(groups) == 1:  # the common case: every row alike, no copies
+                denom = (self.v.sqrt() / bc2_sqrt).add_(self.eps)
+                self.param.addcdiv_(self.m, denom, value=-step_size)
+            else:
+                sel = torch.tensor(members, device=self.param.device)
+                denom = (self.v[sel].sqrt() / bc2_sqrt).add_(self.eps)
+                self.param[sel] = self.param[sel].addcdiv_(self.m[sel], denom, value=-step_size)
+
+
+def _guard(problem: "FiberProblem", step: int, cost: torch.Tensor, grad: torch.Tensor, param: torch.Tensor,
+           last_ok: torch.Tensor, opt: RowAdam, base_lr: float) -> torch.Tensor:
+    """Find the samples whose ``cost`` ``[M]`` or ``grad`` ``[M,...]`` is non-finite and retry them smaller.
+
+    Each such sample is booked (:meth:`FiberProblem.fault`), its ``param`` row goes back to ``last_ok`` (its
+    last iterate with a finite cost and gradient), its optimiser state is reset and its learning rate becomes
+    ``base_lr * problem.step_scales()``. Their gradient rows (and those of samples given up) are zeroed.
+    Returns ``[M]`` bool: the samples that take this optimiser step.
+    """
+    live = problem.live()
+    finite_cost = torch.isfinite(cost.detach())
+    finite_grad = _finite_rows(grad)
+    ok = finite_cost & finite_grad & live
+    bad = live & ~ok
+    if bad.any():
+        problem.fault(bad & ~finite_cost, "loss", step)
+        problem.fault(bad & finite_cost & ~finite_grad, "gradient", step)
+        with torch.no_grad():
+            param[bad] = last_ok[bad]
+        opt.reset(bad, [base_lr * sc for sc in problem.step_scales()])
+    grad[~ok] = 0
+    problem.finite(ok)
+    return ok
+
+
 def _report(callback, i, t, x, x0, problem, loss=None):
     if callback is not None:
         callback({"i": i, "t": float(t), "x": x.detach(), "denoised": x0.detach(),
@@ -237,6 +391,13 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     round-off; ``adam_eps`` well above that noise (e.g. 1e-4 with unit-norm gradients) damps them.
     ``control_init="zero"`` restarts u at 0 (the paper's); ``"warm"`` starts from the previous
     step's control.
+
+    Faults, per sample: a non-finite cost or gradient sends that sample's control back to its last
+    iterate with a finite cost and gradient (0 if there was none this step), resets its Adam state and
+    halves its lr for the rest of this step's inner loop; the next inner step retries from there (the
+    next denoising step starts at the full lr again). A non-finite next state redoes that step unguided
+    for the sample. A fault after ``MAX_HALVINGS`` halvings in a row (no finite evaluation between
+    them) gives up: the sample's control stays 0 (unguided) to the end.
     """
     n_steps = len(sched)
     u = torch.zeros_like(x)
@@ -245,15 +406,18 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
         g = gamma_at(gamma, float(sched.taus[i]))
         rate = lr * (1.0 - i / n_steps) if lr_decay == "linear" else lr
         loss = None
-        if g > 0 and inner_steps > 0 and rate > 0:
+        if g > 0 and inner_steps > 0 and rate > 0 and bool(problem.live().any()):
             h = problem.target_at(t, target)
             eps_base = None
             if w_score:
                 with torch.no_grad():
                     _, eps_base = problem.denoise(x, t)
             u = torch.zeros_like(x) if control_init == "zero" else u.detach()
+            u[~problem.live()] = 0
+            problem.scale_exp.zero_()  # a new control problem: every sample starts at the full lr again
+            last_ok = torch.zeros_like(x)  # per sample: the last control whose cost and gradient were finite
+            opt = RowAdam(u, [rate * sc for sc in problem.step_scales()], eps=adam_eps)
             u.requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=rate, eps=adam_eps)
             for _ in range(inner_steps):
                 assert torch.is_grad_enabled(), "guided step needs autograd (a pipeline may have disabled it)"
                 x0, eps = problem.denoise(x + g * u, t)
@@ -263,28 +427,28 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                     cost = cost + w_ctrl * (g * u).flatten(1).pow(2).sum(1)
                 if eps_base is not None:
                     cost = cost + w_score * (eps_base - eps).flatten(1).pow(2).sum(1)
-                opt.zero_grad(set_to_none=True)
                 cost.sum().backward()
-                grad = u.grad
-                ok = _finite_rows(grad) & torch.isfinite(cost.detach())
-                if not ok.all():  # a sample's loss or gradient went non-finite: skip its update
-                    problem.faults[~ok.cpu()] += 1
-                    grad[~ok] = 0
-                norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
-                grad.mul_((grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1)))
-                opt.step()
+                grad, u.grad = u.grad, None
+                with torch.no_grad():
+                    ok = _guard(problem, i, cost, grad, u, last_ok, opt, rate)
+                    last_ok[ok] = u[ok]
+                    norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
+                    grad.mul_((grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1)))
+                opt.step(grad, ok)
             u = u.detach()
             u[~_finite_rows(u)] = 0
+        u[~problem.live()] = 0  # given up: unguided from here on
         with torch.no_grad():
             xc = x + g * u if g > 0 else x
             x0, eps = problem.denoise(xc, t)
             x_new = problem.prior.step(xc, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
             bad = ~_finite_rows(x_new)
             if bad.any():  # fall back to the unguided step for those samples
-                problem.faults[bad.cpu()] += 1
+                problem.fault(bad, "state", i, halve=False)  # the next step's control starts afresh anyway
                 x0u, epsu = problem.denoise(x[bad], t)
                 x0[bad] = x0u
                 x_new[bad] = problem.prior.step(x[bad], x0u, epsu, t, s, 0.0)
+                u[bad] = 0
             x = x_new
         problem.record(i, loss, x0)
         _report(callback, i, t, x, x0, problem, loss)
@@ -293,29 +457,50 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
 
 def sample_dps(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None, *,
                scale: float = 1.0, gamma=1.0, eta: float = 0.0, target: str = "fixed") -> torch.Tensor:
-    """DPS: ``x_s = step(x_t) - scale * gamma_t * grad_{x_t} L_fiber(x0_hat(x_t))`` (one gradient a step)."""
+    """DPS: ``x_s = step(x_t) - scale * gamma_t * grad_{x_t} L_fiber(x0_hat(x_t))`` (one gradient a step).
+
+    Faults, per sample: a non-finite loss or gradient skips that sample's guidance in this step and
+    halves its ``scale`` for the rest of the run; a non-finite next state redoes the step unguided for
+    it (and halves too). A fault after ``MAX_HALVINGS`` halvings in a row gives up its guidance.
+    """
     for i in _progress(len(sched), disable):
         t, s = sched.times[i], sched.times[i + 1]
         g = gamma_at(gamma, float(sched.taus[i]))
         loss = None
-        if g > 0 and scale > 0:
+        if g > 0 and scale > 0 and bool(problem.live().any()):
             h = problem.target_at(t, target)
             xg = x.detach().requires_grad_(True)
             x0, eps = problem.denoise(xg, t)
             loss = problem.loss(x0, h)
             grad, = torch.autograd.grad(loss.sum(), xg)
-            ok = _finite_rows(grad)
-            if not ok.all():
-                problem.faults[~ok.cpu()] += 1
-                grad[~ok] = 0
             with torch.no_grad():
-                x = problem.prior.step(x, x0.detach(), eps.detach(), t, s, eta,
-                                       problem.noise.draw() if eta > 0 else None) - scale * g * grad
-            x0 = x0.detach()
+                live = problem.live()
+                finite_loss, finite_grad = torch.isfinite(loss.detach()), _finite_rows(grad)
+                problem.fault(live & ~finite_loss, "loss", i)
+                problem.fault(live & finite_loss & ~finite_grad, "gradient", i)
+                ok = finite_loss & finite_grad & problem.live()
+                problem.finite(ok)
+                grad[~ok] = 0
+                scales = problem.step_scales()
+                if all(sc == 1.0 for sc in scales):
+                    step_ = scale * g * grad
+                else:  # (scale * g) * 0.5**k is exact: unhalved samples step bit for bit as above
+                    f = torch.tensor([scale * g * sc for sc in scales], device=grad.device, dtype=grad.dtype)
+                    step_ = grad * f.view(-1, *[1] * (grad.ndim - 1))
+                x0, eps = x0.detach(), eps.detach()
+                x_new = problem.prior.step(x, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None) - step_
         else:
             with torch.no_grad():
                 x0, eps = problem.denoise(x, t)
-                x = problem.prior.step(x, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
+                x_new = problem.prior.step(x, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
+        with torch.no_grad():
+            bad = ~_finite_rows(x_new)
+            if bad.any():  # fall back to the unguided step for those samples
+                problem.fault(bad, "state", i)
+                x0u, epsu = problem.denoise(x[bad], t)
+                x0[bad] = x0u
+                x_new[bad] = problem.prior.step(x[bad], x0u, epsu, t, s, 0.0)
+        x = x_new
         problem.record(i, loss, x0)
         _report(callback, i, t, x, x0, problem, loss)
     return x0
@@ -325,22 +510,28 @@ def sample_metamer(problem: FiberProblem, x: torch.Tensor, sched, callback=None,
                    iters: int = 200, lr: float = 0.02) -> torch.Tensor:
     """Model metamers: Adam on the pixels of a noise image until its features match; no prior.
 
-    Starts from uniform noise in [0,1] (per-sample generators); pixels are kept in [0,1].
+    Starts from uniform noise in [0,1] (per-sample generators); pixels are kept in [0,1]. A sample
+    whose loss or gradient is non-finite goes back to its last finite image with a fresh Adam state
+    and half its lr (for the rest of the run); a fault after ``MAX_HALVINGS`` halvings in a row
+    freezes it at that image.
     """
     img = problem.noise.uniform(tuple(x.shape[1:]) if not problem.prior.latent else
                                 (3, problem.prior.image_size, problem.prior.image_size))
-    img.requires_grad_(True)
-    opt = torch.optim.Adam([img], lr=lr)
+    opt = RowAdam(img, [lr * sc for sc in problem.step_scales()])
+    last_ok = img.clone()
     every = max(1, iters // max(1, len(sched)))
     for i in _progress(iters, disable):
+        img.requires_grad_(True)
         problem.calls["extractor"] += 1
         with problem._amp():
             loss = fiber_distance(problem.extractor(img).float(), problem.target, problem.metric)
-        opt.zero_grad(set_to_none=True)
         loss.sum().backward()
-        grad = img.grad
-        grad[~_finite_rows(grad)] = 0
-        opt.step()
+        grad, img.grad = img.grad, None
+        img.requires_grad_(False)
+        with torch.no_grad():
+            ok = _guard(problem, i, loss, grad, img, last_ok, opt, lr)
+            last_ok[ok] = img[ok]
+        opt.step(grad, ok)
         with torch.no_grad():
             img.clamp_(0, 1)
         if i % every == 0 or i == iters - 1:
@@ -367,7 +558,10 @@ class FiberResult:
         reference: ``[B,3,H,W]`` in [0,1].
         feature_distance: ``[B*n]`` final fiber loss (``config["loss"]``) against the fixed target f(x_ref).
         cosine: ``[B*n]`` cosine similarity of sample and reference features.
-        status: per sample ``"ok"``, ``"recovered: …"`` or ``"failed: …"``.
+        status: per sample ``"ok"``, ``"recovered: non-finite loss 2 times; lr halved 2 times"`` (faults
+            retried at a smaller step size) or ``"failed: <reason>; <fault history>"`` (final image or
+            features non-finite, guidance given up after ``MAX_HALVINGS`` halvings, or no guided update
+            ever finite).
         config: every hyper-parameter, spec strings, seed, versions, timings and call counts.
         loss_history: ``[steps, B*n]`` fiber loss at each denoising step (NaN where not computed).
         trajectory: ``[steps, B*n, 3, H, W]`` decoded x0_hat per step, when asked for.
@@ -437,55 +631,159 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def resolve_hyperparameters(method: str, preset: str | None, overrides: dict[str, Any]) -> tuple[dict, dict]:
-    """Merge method defaults < preset < explicit keyword arguments; reject unknown names.
+def _split_on_oom(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int,
+                  oom: dict[str, int], device, to=None) -> tuple[torch.Tensor, int]:
+    """``fn`` over ``x`` ``[N,...]`` in chunks of ``batch_size`` rows (moved to ``device``; results to ``to``).
 
-    Returns ``(hyperparameters for the sampler function, run-level settings from the preset)``.
+    On CUDA out-of-memory the failing chunk is retried at half the size (down to one row; counted in
+    ``oom["splits"]``), chunks already done are kept. Any other error is raised at once.
+    Returns ``(results [N,...] concatenated, the chunk size it ended at)``.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
+    outs, start, bs = [], 0, max(1, int(batch_size))
+    while start < x.shape[0]:
+        chunk = x[start:start + bs]
+        try:
+            y = fn(chunk.to(device))
+        except Exception as e:  # noqa: BLE001 - only CUDA OOM is retried
+            if not _is_oom(e) or bs == 1:
+                raise
+            oom["splits"] += 1
+            bs = max(1, bs // 2)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        outs.append(y if to is None else y.to(to))
+        start += chunk.shape[0]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), bs
+
+
+def _fault_history(events: dict[str, int], halvings: int, gave_up: int, unit: str, total: int,
+                   knob: str = "lr") -> str:
+    """What happened to one sample's numerics, for its ``status``: e.g. ``non-finite loss 2 times; lr
+    halved 2 times`` or ``non-finite gradient 5 times; lr halved 4 times, then guidance given up at
+    denoising step 3 of 4 (unguided from there)``. ``knob`` names the step size (``scale`` for DPS)."""
+    seen = [f"{k} {v} time{'s' if v != 1 else ''}" for k, v in events.items() if v]
+    if not seen:
+        return "no non-finite value during sampling"
+    text = "non-finite " + ", ".join(seen)
+    if events.get("state"):
+        text += " (that step redone unguided)"
+    if halvings:
+        text += f"; {knob} halved {halvings} time{'s' if halvings != 1 else ''}"
+    if gave_up >= 0:
+        after = "frozen at its last finite image" if unit == "iteration" else "unguided from there"
+        text += f", then guidance given up at {unit} {gave_up + 1} of {total} ({after})"
+    return text
+
+
+def _show(value: Any) -> str:
+    """``repr`` of a user value for an error message: short, with its type when the repr hides it."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return text if isinstance(value, (int, float, str)) and not isinstance(value, bool) \
+        else f"{text} ({type(value).__name__})"
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (OverflowError, ValueError, TypeError):  # ints beyond float range
+        return False
+
+
+def check_hyperparameter(name: str, value: Any, method: str = "") -> Any:
+    """``value`` checked against :data:`HP_RULES` (numpy scalars become Python numbers), or ``ConfigError``
+    naming the hyper-parameter, the bad value and what is accepted."""
+    rule = HP_RULES[name]
+    kind = rule["kind"]
+    where = f" (method {method!r})" if method else ""  # after the value: "lr must …" stays greppable
+    if kind == "int":
+        lo, hi = rule["lo"], rule["hi"]
+        what = "a non-negative integer" if lo == 0 else "a positive integer"
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or not lo <= value <= hi:
+            raise ConfigError(f"{name} must be {what} (at most {hi}), got {_show(value)}{where}")
+        return int(value)
+    if kind == "real":
+        lo, hi, open_lo = rule["lo"], rule.get("hi"), rule.get("open_lo", False)
+        if hi is not None:
+            what = f"in [{lo:g}, {hi:g}]"
+        else:
+            what = f"> {lo:g}" if open_lo else f">= {lo:g}"
+        ok = _is_real(value) and _finite(value) and (value > lo if open_lo else value >= lo) \
+            and (hi is None or value <= hi)
+        if not ok:
+            raise ConfigError(f"{name} must be a finite number {what}, got {_show(value)}{where}")
+        return value.item() if isinstance(value, (np.integer, np.floating)) else value
+    if kind == "choice":
+        choices = rule["choices"]
+        if not isinstance(value, str) or value not in choices:
+            raise ConfigError(f"{name} must be one of {list(choices)}, got {_show(value)}{where}")
+        return value
+    # gamma: a constant >= 0, or segments (g_start, g_end, tau_from, tau_to) with g >= 0 and tau in [0, 1000]
+    if _is_real(value):
+        if not _finite(value) or value < 0:
+            raise ConfigError(f"gamma must be a finite number >= 0 or a list of segments "
+                              f"(g_start, g_end, tau_from, tau_to), got {_show(value)}{where}")
+        return value.item() if isinstance(value, (np.integer, np.floating)) else value
+    segs = None
+    if isinstance(value, (list, tuple)) and value:
+        segs = []
+        for seg in value:
+            if not isinstance(seg, (list, tuple)) or len(seg) != 4 or not all(_is_real(v) and _finite(v) for v in seg):
+                segs = None
+                break
+            g0, g1, a, b = (float(v) for v in seg)
+            if g0 < 0 or g1 < 0 or not (0 <= a <= 1000 and 0 <= b <= 1000):
+                segs = None
+                break
+            segs.append((g0, g1, a, b))
+    if segs is None:
+        raise ConfigError(f"gamma must be a finite number >= 0 or a non-empty list of segments "
+                          f"(g_start, g_end, tau_from, tau_to) of finite numbers with g_start, g_end >= 0 and "
+                          f"tau_from, tau_to in [0, 1000], e.g. [(0, 0, 1000, 900), (1, 1, 900, 0)]; "
+                          f"got {_show(value)}{where}")
+    return segs
+
+
+def resolve_hyperparameters(method: str, preset: str | None, overrides: dict[str, Any]) -> tuple[dict, dict]:
+    """Merge method defaults < preset < explicit keyword arguments and check every value.
+
+    Unknown names, and values outside :data:`HP_RULES` (wrong type, NaN/inf, out of range, unknown
+    strings; bools are not numbers), raise one ``ConfigError`` naming the hyper-parameter, its value and
+    what is accepted; no other exception escapes. Returns ``(hyperparameters for the sampler function,
+    run-level settings from the preset)``.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        hint = close_matches(method, METHODS) if isinstance(method, str) else []
+        raise ConfigError(f"unknown method {_show(method)}; choose one of {METHODS}"
+                          + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"hyper-parameters must be a mapping of names to values, got {_show(overrides)}")
     allowed = DEFAULTS[method]
     run_keys = ("steps", "loss")
     hp = dict(allowed)
     run: dict[str, Any] = {}
     if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ConfigError(f"unknown preset {_show(preset)}; presets: {sorted(PRESETS)}")
         for k, v in PRESETS[preset].items():
             if k in run_keys:
                 run[k] = v
             elif k in allowed:
                 hp[k] = v
-    unknown = sorted(set(overrides) - set(allowed))
+    unknown = sorted((k for k in overrides if k not in allowed), key=repr)
     if unknown:
-        raise ConfigError(f"unknown hyper-parameter(s) {unknown} for method {method!r}; "
-                          f"valid: {sorted(allowed)}")
+        hint = [h for k in unknown if isinstance(k, str) for h in close_matches(k, allowed, n=1)]
+        raise ConfigError(f"unknown hyper-parameter(s) {unknown} for method {method!r}; valid: {sorted(allowed)}"
+                          + (f" (did you mean {hint}?)" if hint else ""))
     hp.update(overrides)
-    if "inner_steps" in hp and (int(hp["inner_steps"]) != hp["inner_steps"] or hp["inner_steps"] < 0):
-        raise ConfigError(f"inner_steps must be a non-negative integer, got {hp['inner_steps']!r}")
-    for k in ("lr", "scale", "w_ctrl", "w_score", "w_term", "eta"):
-        if k in hp and (not isinstance(hp[k], (int, float)) or hp[k] < 0 or not math.isfinite(hp[k])):
-            raise ConfigError(f"{k} must be a finite number >= 0, got {hp[k]!r}")
-    if "eta" in hp and hp["eta"] > 1:
-        raise ConfigError(f"eta must lie in [0, 1], got {hp['eta']}")
-    if "iters" in hp and (int(hp["iters"]) != hp["iters"] or hp["iters"] < 1):
-        raise ConfigError(f"iters must be a positive integer, got {hp['iters']!r}")
-    if "target" in hp and hp["target"] not in ("fixed", "time"):
-        raise ConfigError(f"target must be 'fixed' or 'time', got {hp['target']!r}")
-    if "control_init" in hp and hp["control_init"] not in ("zero", "warm"):
-        raise ConfigError(f"control_init must be 'zero' or 'warm', got {hp['control_init']!r}")
-    if "gamma" in hp:
-        gm = hp["gamma"]
-        if isinstance(gm, (int, float)):
-            if gm < 0:
-                raise ConfigError(f"gamma must be >= 0, got {gm}")
-        else:
-            try:
-                hp["gamma"] = [tuple(float(v) for v in seg) for seg in gm]
-                assert all(len(seg) == 4 for seg in hp["gamma"])
-            except (TypeError, ValueError, AssertionError):
-                raise ConfigError(f"gamma must be a number or segments (g_start, g_end, tau_from, tau_to), "
-                                  f"got {gm!r}") from None
+    for k in hp:
+        hp[k] = check_hyperparameter(k, hp[k], method)
     return hp, run
 
 
@@ -508,7 +806,8 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
         callback: called after every step with ``{"i", "t", "x", "denoised", "images", "loss", "rows"}``.
         init: ``"noise"`` or ``("sdedit", tau_star)``: start from x_ref noised to tau_star in (0, 1000].
         preset: a name in :data:`PRESETS` (``toy``, ``fiber-imagenet``, …) filling the defaults.
-        batch_size: samples per batched run (split and retried on CUDA out-of-memory).
+        batch_size: samples per batched run; on CUDA out-of-memory the batch is halved and retried (in the
+            sampling loop, the reference features and the final decode / feature pass), finished work kept.
         dtype: ``torch.bfloat16`` / ``torch.float16`` autocast for the networks (u and Adam stay fp32).
         **hyperparameters: the method's own (see :data:`DEFAULTS`).
 
@@ -540,8 +839,8 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             raise ConfigError("metamer has no prior and so no SDEdit start; use init='noise'")
     elif init != "noise":
         raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star), got {init!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise ConfigError(f"dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
     ref = as_image_batch(reference, name="reference")
@@ -568,10 +867,11 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
     B = ref.shape[0]
     M = B * n
     seeds = [sample_seed(seed, i, j) for i in range(B) for j in range(n)]
-    with torch.no_grad():
-        ref_feats = extractor(ref).float()
+    oom = {"splits": 0}
+    with torch.no_grad():  # a batch of B references can run out of memory too: split like the samples
+        ref_feats, _ = _split_on_oom(lambda c: extractor(c).float(), ref, batch_size, oom, device)
         need_latent = hp.get("target") == "time" or t_star is not None
-        ref_latent = prior.encode(ref) if need_latent else None
+        ref_latent = _split_on_oom(prior.encode, ref, batch_size, oom, device)[0] if need_latent else None
     config: dict[str, Any] = {
         "method": method, "extractor": getattr(extractor, "spec", type(extractor).__name__),
         "prior": getattr(prior, "spec", type(prior).__name__), "n": n, "steps": steps, "seed": seed, "loss": loss,
@@ -586,6 +886,10 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
     out_x0 = torch.empty(M, *prior.sample_shape) if method != "metamer" or not prior.latent \
         else torch.empty(M, 3, size, size)
     faults = torch.zeros(M, dtype=torch.long)
+    events = {k: torch.zeros(M, dtype=torch.long) for k in ("loss", "gradient", "state")}
+    halvings = torch.zeros(M, dtype=torch.long)
+    gave_up = torch.full((M,), -1, dtype=torch.long)
+    updates = torch.zeros(M, dtype=torch.long)
     histories: list[torch.Tensor | None] = [None] * M
     trajs: list[torch.Tensor | None] = [None] * M
     calls = {"denoiser": 0, "extractor": 0}
@@ -625,6 +929,9 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             x0 = sampler(problem, x, sched, callback=cb if callback else None, disable=True, **hp)
         out_x0[rows] = x0.detach().float().cpu()
         faults[rows] = problem.faults
+        halvings[rows], gave_up[rows], updates[rows] = problem.halvings, problem.gave_up, problem.updates
+        for k in events:
+            events[k][rows] = problem.events[k]
         hist = torch.stack(problem.history) if problem.history else None
         for k, r in enumerate(rows):
             histories[r] = None if hist is None else hist[:, k]
@@ -655,31 +962,43 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
         bar.close()
     seconds = time.perf_counter() - t0
 
+    # the final decode and feature pass: finished samples are never lost to an out-of-memory here either
+    final_bs = bs
     with torch.no_grad():
-        images = torch.cat([prior.decode(c.to(device)).float().cpu() for c in out_x0.split(bs)]) \
-            if not (method == "metamer" and prior.latent) else out_x0.clamp(0, 1)
+        if method == "metamer" and prior.latent:
+            images = out_x0.clamp(0, 1)
+        else:
+            images, final_bs = _split_on_oom(lambda c: prior.decode(c).float(), out_x0, bs, oom, device, to="cpu")
         images = images.clamp(0, 1)
         finite = _finite_rows(images)
         images[~finite] = 0.0
-        feats = torch.cat([extractor(c.to(device)).float().cpu() for c in images.split(bs)])
+        feats, final_bs = _split_on_oom(lambda c: extractor(c).float(), images, final_bs, oom, device, to="cpu")
         tgt = ref_feats.cpu().repeat_interleave(n, dim=0)
         dist = fiber_distance(feats, tgt, loss)
         cos = F.cosine_similarity(feats, tgt, dim=-1)
+    unit = "iteration" if method == "metamer" else "denoising step"
+    total = hp.get("iters", steps) if method == "metamer" else steps
     status = []
     for r in range(M):
-        skipped = f"{int(faults[r])} non-finite loss/gradient/state event(s) skipped during sampling"
+        ev = {k: int(v[r]) for k, v in events.items()}
+        history = _fault_history(ev, int(halvings[r]), int(gave_up[r]), unit, total,
+                                 "scale" if method == "dps" else "lr")
         if not bool(finite[r]):
-            status.append(f"failed: the sample's image is non-finite (set to 0); {skipped}")
+            status.append(f"failed: the sample's image is non-finite (set to 0); {history}")
         elif not bool(torch.isfinite(dist[r])):
-            status.append(f"failed: the extractor gave non-finite features for the final image; {skipped}")
-        elif faults[r] > 0 and method in ("ndtm", "dps") and faults[r] >= calls["extractor"]:
-            status.append(f"failed: every guided update was non-finite and skipped ({int(faults[r])}); "
+            status.append(f"failed: the extractor gave non-finite features for the final image; {history}")
+        elif gave_up[r] >= 0:
+            status.append(f"failed: {history}")
+        elif faults[r] > 0 and method != "unguided" and updates[r] == 0:
+            status.append(f"failed: every guided update was non-finite ({history}); "
                           f"the sample is effectively unguided")
         elif faults[r] > 0:
-            status.append(f"recovered: {skipped}")
+            status.append(f"recovered: {history}")
         else:
             status.append("ok")
-    config.update(seconds=seconds, seconds_per_sample=seconds / M, batch_size_used=bs, oom_splits=oom_splits,
+    config.update(seconds=seconds, seconds_per_sample=seconds / M, batch_size_used=bs,
+                  final_batch_size_used=final_bs, oom_splits=oom_splits + oom["splits"],
+                  lr_halvings=int(halvings.sum()), samples_given_up=int((gave_up >= 0).sum()),
                   denoiser_evals_per_sample=calls["denoiser"], extractor_evals_per_sample=calls["extractor"])
     hist = None
     if all(h is not None for h in histories):

@@ -9,7 +9,7 @@ import torch
 import fiberbench as fb
 from fiberbench.analytic import GaussianPrior, LinearExtractor, conditional_moments
 from fiberbench.errors import ConfigError
-from fiberbench.sampling import fiber_distance, gamma_at, sample_fiber
+from fiberbench.sampling import RowAdam, fiber_distance, gamma_at, sample_fiber
 
 SHAPE = (3, 4, 4)
 D = 48
@@ -328,3 +328,37 @@ def test_gamma_segments():
     assert gamma_at(segs, 900) == 0 and gamma_at(segs, 700) == 3
     assert gamma_at(segs, 400) == pytest.approx(0.75) and gamma_at(segs, 0) == pytest.approx(10)
     assert gamma_at(2.5, 10) == 2.5
+
+
+def test_row_adam_is_torch_adam_bit_for_bit_and_a_reset_row_starts_afresh():
+    """The per-sample Adam behind NDTM and metamers: without resets it is torch.optim.Adam exactly (so runs
+    without faults are unchanged); a reset row steps like a fresh Adam on that row alone at its new lr."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, 5, 5, generator=g) for _ in range(6)]
+    start = torch.randn(4, 3, 5, 5, generator=g)
+    ref = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=0.05, eps=1e-4)
+    ours = start.clone()
+    row_adam = RowAdam(ours, [0.05] * 4, eps=1e-4)
+    every = torch.ones(4, dtype=torch.bool)
+    for gr in grads:
+        ref.grad = gr.clone()
+        opt.step()
+        row_adam.step(gr.clone(), every)
+        assert torch.equal(ours, ref.detach())
+    # reset row 2 (lr halved) and freeze row 3 for a step: rows 0/1 go on as before, row 2 like a new Adam
+    row_adam.reset(torch.tensor([False, False, True, False]), [0.05, 0.05, 0.025, 0.05])
+    fresh_row = ours[2:3].clone().requires_grad_(True)
+    fresh = torch.optim.Adam([fresh_row], lr=0.025, eps=1e-4)
+    frozen = ours[3].clone()
+    for k, gr in enumerate(grads[:3]):
+        ref.grad = gr.clone()
+        opt.step()
+        rows = torch.tensor([True, True, True, k != 0])
+        row_adam.step(gr.clone(), rows)
+        fresh_row.grad = gr[2:3].clone()
+        fresh.step()
+        assert torch.equal(ours[:2], ref.detach()[:2])
+        assert torch.equal(ours[2:3], fresh_row.detach())
+        if k == 0:
+            assert torch.equal(ours[3], frozen)
