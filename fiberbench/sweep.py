@@ -27,11 +27,15 @@ A sweep file (YAML or TOML; every key but ``extractors``, ``priors`` and ``refer
 Jobs = references × extractors × priors × methods × grid × seeds; one job samples ``n`` images of one
 reference's fiber and writes one run into the store (key = content hash of its full config, see
 :mod:`fiberbench.store`). Running a sweep again runs only the jobs whose key is missing or corrupt.
+The whole file is checked before the first job runs (:func:`expand`): one ``ConfigError`` lists every
+problem, and the limits :data:`MAX_REFERENCES`, :data:`MAX_N`, :data:`MAX_STEPS`, :data:`MAX_JOBS` catch
+typos such as ``n: 10000000`` before anything is rendered.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 import traceback
@@ -81,8 +85,40 @@ def load_config(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any],
     return raw, path.parent.absolute()
 
 
+# Upper limits that catch typos (n: 10000000) before anything is rendered, loaded or run.
+MAX_REFERENCES = 10_000  # reference images over all selections (each is rendered or read while expanding)
+MAX_N = 10_000  # samples per fiber
+MAX_STEPS = 10_000  # denoising steps
+MAX_JOBS = 100_000  # jobs of one sweep
+
+
+def _is_int(v: Any, lo: int | None = None, hi: int | None = None) -> bool:
+    """``v`` is an integer (bools are not) within ``[lo, hi]``."""
+    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
+def _is_number(v: Any) -> bool:
+    """``v`` is a finite int or float (bools are not numbers)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _in_choices(v: Any, choices: list) -> bool:
+    """``v`` is one of ``choices`` with the same type (``0`` is not ``False``, ``1.0`` is not ``True``)."""
+    return any(type(v) is type(c) and v == c for c in choices)
 
 
 @dataclass
@@ -125,45 +161,57 @@ class Job:
         return kw
 
 
-def _toy_references(sel: Mapping, where: str, problems: list[str]) -> list[tuple[torch.Tensor, str, dict]]:
+def _toy_references(sel: Mapping, where: str, problems: list[str], room: int) -> list[tuple[torch.Tensor, str, dict]]:
+    """Render a ``toy`` selection (at most ``room`` images) or add its problems to ``problems``."""
     from .toy import FACTORS, references
 
-    unknown = sorted(set(sel) - {"n", "seed", "classes", "per_class", "fixed"})
+    unknown = sorted((k for k in sel if k not in ("n", "seed", "classes", "per_class", "fixed")), key=str)
     if unknown:
         problems.append(f"{where}: unknown key(s) {unknown}; toy selections take n, seed, classes, per_class, fixed")
     seed = sel.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        problems.append(f"{where}.seed must be an integer, got {seed!r}")
-        return []
-    fixed = dict(sel.get("fixed") or {})
+    if not _is_int(seed, 0, 2 ** 63 - 1):
+        problems.append(f"{where}.seed must be an integer in [0, 2**63), got {_show(seed)}")
+    fixed = sel.get("fixed") or {}
+    if not isinstance(fixed, Mapping):
+        problems.append(f"{where}.fixed must map factor names to values, e.g. {{color: red}}; got {_show(fixed)}")
+        fixed = {}
     for k, v in fixed.items():
         if k not in FACTORS:
-            problems.append(f"{where}.fixed: unknown factor {k!r}; factors: {list(FACTORS)}")
-        elif isinstance(FACTORS[k], list) and v not in FACTORS[k]:
-            problems.append(f"{where}.fixed.{k}: {v!r} is not one of {FACTORS[k]}")
+            problems.append(f"{where}.fixed: unknown factor {_show(k)}; factors: {list(FACTORS)}")
+        elif isinstance(FACTORS[k], list) and not _in_choices(v, FACTORS[k]):
+            problems.append(f"{where}.fixed.{k}: {_show(v)} is not one of {FACTORS[k]}")
+        elif isinstance(FACTORS[k], tuple) and not (_is_number(v) and FACTORS[k][0] <= v <= FACTORS[k][1]):
+            problems.append(f"{where}.fixed.{k} must be a number in [{FACTORS[k][0]}, {FACTORS[k][1]}], "
+                            f"got {_show(v)}")
     out = []
     if "classes" in sel:
         classes = sel["classes"]
         per = sel.get("per_class", 1)
-        if not isinstance(per, int) or isinstance(per, bool) or per < 1:
-            problems.append(f"{where}.per_class must be a positive integer, got {per!r}")
+        if not _is_int(per, 1):
+            problems.append(f"{where}.per_class must be a positive integer, got {_show(per)}")
             return []
         if not isinstance(classes, Mapping) or len(classes) != 1:
             problems.append(f"{where}.classes must map one discrete factor to a list of values, "
-                            f"e.g. {{shape: [circle, square]}}; got {classes!r}")
+                            f"e.g. {{shape: [circle, square]}}; got {_show(classes)}")
             return []
         (factor, values), = classes.items()
         if factor not in FACTORS or not isinstance(FACTORS[factor], list):
-            problems.append(f"{where}.classes: {factor!r} is not a discrete factor; "
+            problems.append(f"{where}.classes: {_show(factor)} is not a discrete factor; "
                             f"choose from {[k for k, v in FACTORS.items() if isinstance(v, list)]}")
             return []
-        bad = [v for v in _as_list(values) if v not in FACTORS[factor]]
-        if bad:
-            problems.append(f"{where}.classes.{factor}: {bad} not in {FACTORS[factor]}")
+        values = _as_list(values)
+        bad = [v for v in values if not _in_choices(v, FACTORS[factor])]
+        if bad or not values:
+            problems.append(f"{where}.classes.{factor}: {bad} not in {FACTORS[factor]}" if bad else
+                            f"{where}.classes.{factor} must list at least one of {FACTORS[factor]}")
             return []
-        if problems:
+        if per * len(values) > room:
+            problems.append(f"{where} selects {per} x {len(values)} references; a sweep takes at most "
+                            f"{MAX_REFERENCES} in all")
             return []
-        for value in _as_list(values):
+        if problems:  # rendering waits until the config is known to be good
+            return []
+        for value in values:
             imgs, f = references(per, seed=seed, **{**fixed, factor: value})
             for i in range(per):
                 cols = {f"ref_{k}": (v.item() if hasattr(v, "item") else v) for k, v in f.iloc[i].items()}
@@ -171,8 +219,12 @@ def _toy_references(sel: Mapping, where: str, problems: list[str]) -> list[tuple
                             {"reference_source": "toy", "class": str(value), **cols}))
         return out
     n = sel.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        problems.append(f"{where}.n must be a positive integer, got {n!r}")
+    if not _is_int(n, 1):
+        problems.append(f"{where}.n must be a positive integer, got {_show(n)}")
+        return []
+    if n > room:
+        problems.append(f"{where}.n = {n} references is too many: a sweep takes at most {MAX_REFERENCES} in all "
+                        f"(a typo?)")
         return []
     if problems:
         return []
@@ -183,28 +235,48 @@ def _toy_references(sel: Mapping, where: str, problems: list[str]) -> list[tuple
     return out
 
 
-def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str]):
+def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str], room: int):
+    """Read a ``folder`` selection (at most ``room`` images) or add its problems to ``problems``."""
     from .io import load_image
 
-    unknown = sorted(set(sel) - {"path", "glob", "limit", "classes", "per_class", "size"})
+    unknown = sorted((k for k in sel if k not in ("path", "glob", "limit", "classes", "per_class", "size")), key=str)
     if unknown:
         problems.append(f"{where}: unknown key(s) {unknown}; folder selections take path, glob, limit, "
                         f"classes, per_class, size")
     if "path" not in sel:
         problems.append(f"{where}: a folder selection needs 'path'")
         return []
-    root = (base / Path(str(sel["path"])).expanduser()).resolve()
-    if not root.is_dir():
+    if not isinstance(sel["path"], str) or not sel["path"]:
+        problems.append(f"{where}.path must be a folder name (a string), got {_show(sel['path'])}")
+        return []
+    root: Path | str = sel["path"]
+    try:
+        root = (base / Path(sel["path"]).expanduser()).resolve()
+        exists = root.is_dir()
+    except (OSError, ValueError, RuntimeError):  # e.g. a NUL byte in the name, an unknown ~user
+        exists = False
+    if not exists:
         problems.append(f"{where}.path: folder {root} does not exist")
         return []
     pattern = sel.get("glob", "*")
+    if not isinstance(pattern, str) or not pattern:
+        problems.append(f"{where}.glob must be a file pattern such as '*.png', got {_show(pattern)}")
+        return []
     limit = sel.get("limit", sel.get("per_class"))
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        problems.append(f"{where}: limit/per_class must be a positive integer, got {limit!r}")
+    if limit is not None and not _is_int(limit, 1):
+        problems.append(f"{where}: limit/per_class must be a positive integer, got {_show(limit)}")
+        return []
+    size = sel.get("size")
+    if size is not None and not _is_int(size, 1, 4096):
+        problems.append(f"{where}.size must be a positive integer (at most 4096), got {_show(size)}")
         return []
     groups: list[tuple[str | None, Path]] = []
     if "classes" in sel:
-        for c in _as_list(sel["classes"]):
+        classes = _as_list(sel["classes"])
+        if not classes or not all(isinstance(c, (str, int)) and not isinstance(c, bool) and str(c) for c in classes):
+            problems.append(f"{where}.classes must list sub-folder names, got {_show(sel['classes'])}")
+            return []
+        for c in classes:
             sub = root / str(c)
             if not sub.is_dir():
                 have = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -213,37 +285,48 @@ def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str]
                 groups.append((str(c), sub))
     else:
         groups.append((None, root))
-    out = []
+    chosen: list[tuple[str | None, Path]] = []
     for cls, folder in groups:
-        files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        try:
+            files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        except (ValueError, NotImplementedError, OSError) as e:  # '../*', '/abs/*', '**x' …
+            problems.append(f"{where}.glob {pattern!r} cannot be used: {e}")
+            return []
         if not files:
             problems.append(f"{where}: no images matching {pattern!r} in {folder}")
             continue
-        for p in files[:limit]:
-            try:
-                img = load_image(p, size=sel.get("size"))
-            except FiberbenchError as e:
-                problems.append(f"{where}: {e}")
-                continue
-            rel = p.relative_to(root).as_posix()
-            out.append((img[None], f"folder:{rel}", {"reference_source": str(root), "class": cls}))
+        chosen += [(cls, p) for p in files[:limit]]
+    if len(chosen) > room:
+        problems.append(f"{where} selects {len(chosen)} images; a sweep takes at most {MAX_REFERENCES} references "
+                        f"in all (set limit)")
+        return []
+    out = []
+    for cls, p in chosen:
+        try:
+            img = load_image(p, size=size)
+        except FiberbenchError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        rel = p.relative_to(root).as_posix()
+        out.append((img[None], f"folder:{rel}", {"reference_source": str(root), "class": cls}))
     return out
 
 
 def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) -> tuple[str, list[Job]]:
     """Validate a sweep config as a whole and expand it into jobs (with store keys).
 
-    Every problem found is collected first; if there are any, one ``ConfigError`` lists them all and
-    no job runs. Returns ``(sweep name, jobs)`` in a deterministic order.
+    Every value is checked (types, ranges, names; the limits :data:`MAX_REFERENCES`, :data:`MAX_N`,
+    :data:`MAX_STEPS`, :data:`MAX_JOBS` catch typos) and every problem found is collected first; if there
+    are any, one ``ConfigError`` starting ``sweep config has k problem(s)`` lists them all and no job
+    runs. Returns ``(sweep name, jobs)`` in a deterministic order.
     """
     from . import zoo
-    from .sampling import METHODS, resolve_hyperparameters
+    from .sampling import LOSSES, METHODS, PRESETS, resolve_hyperparameters
 
     raw, base = load_config(source)
     problems: list[str] = []
-    unknown = sorted(set(raw) - set(TOP_KEYS))
-    for k in unknown:
-        hint = close_matches(k, TOP_KEYS)
+    for k in sorted((k for k in raw if k not in TOP_KEYS), key=str):
+        hint = close_matches(str(k), TOP_KEYS)
         problems.append(f"unknown key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + f"; keys: {list(TOP_KEYS)}")
     name = raw.get("name", "sweep")
@@ -258,6 +341,9 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
             problems.append(f"{key!r} is required: a list of {kind} spec strings")
         out = []
         for v in vals:
+            if not isinstance(v, str):
+                problems.append(f"{key}: {_show(v)} is not a spec string such as 'toy/shape-resnet@logits'")
+                continue
             try:
                 s = zoo.parse_spec(v)
             except ConfigError as e:
@@ -276,91 +362,119 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
             elif kind == "extractor" and s.source == "diffusers":
                 problems.append(f"{key}: {v!r} is a prior, not a feature extractor")
                 continue
-            out.append(str(v))
+            out.append(v)
+        if len(set(out)) != len(out):
+            problems.append(f"{key} has duplicates: {out}")
         return out
 
     extractors = spec_list("extractors", "extractor")
     priors = spec_list("priors", "prior")
-    methods = [str(m) for m in _as_list(raw.get("methods", ["ndtm"]))]
-    for m in methods:
-        if m not in METHODS:
-            hint = close_matches(m, METHODS)
-            problems.append(f"methods: unknown method {m!r}; choose from {list(METHODS)}"
+    methods_raw = raw.get("methods", ["ndtm"])
+    methods: list[str] = []
+    if not _as_list(methods_raw if methods_raw is not None else []):
+        problems.append(f"methods must list at least one of {list(METHODS)}, got {_show(methods_raw)}")
+    for m in _as_list(methods_raw if methods_raw is not None else []):
+        if not isinstance(m, str) or m not in METHODS:
+            hint = close_matches(m, METHODS) if isinstance(m, str) else []
+            problems.append(f"methods: unknown method {_show(m)}; choose from {list(METHODS)}"
                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        else:
+            methods.append(m)
+    if len(set(methods)) != len(methods):
+        problems.append(f"methods has duplicates: {methods}")
     seeds = _as_list(raw.get("seeds", [0]))
-    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
-        problems.append(f"seeds must be integers, got {raw.get('seeds')!r}")
-    if len(set(map(str, seeds))) != len(seeds):
+    if not seeds or any(not _is_int(s, 0, 2 ** 63 - 1) for s in seeds):
+        problems.append(f"seeds must be integers in [0, 2**63), got {_show(raw.get('seeds'))}")
+    elif len(set(seeds)) != len(seeds):
         problems.append(f"seeds has duplicates: {seeds}")
     n = raw.get("n", 8)
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        problems.append(f"n must be a positive integer, got {n!r}")
+    if not _is_int(n, 1, MAX_N):
+        problems.append(f"n must be a positive integer (samples per fiber, at most {MAX_N}), got {_show(n)}")
     steps = raw.get("steps")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
-        problems.append(f"steps must be a positive integer, got {steps!r}")
+    if steps is not None and not _is_int(steps, 1, MAX_STEPS):
+        problems.append(f"steps must be a positive integer (at most {MAX_STEPS}), got {_show(steps)}")
     threads = raw.get("threads")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        problems.append(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None and not _is_int(threads, 1, 1024):
+        problems.append(f"threads must be a positive integer, got {_show(threads)}")
     batch_size = raw.get("batch_size", 64)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f"batch_size must be a positive integer, got {batch_size!r}")
-    resources = dict(raw.get("resources") or {})
+    if not _is_int(batch_size, 1):
+        problems.append(f"batch_size must be a positive integer, got {_show(batch_size)}")
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, Mapping):
+        problems.append(f"resources must be a mapping such as {{num_cpus: 1, num_gpus: 0.5}}, got {_show(resources)}")
+        resources = {}
+    resources = dict(resources)
     for k, v in resources.items():
         if k not in ("num_cpus", "num_gpus"):
-            problems.append(f"resources: unknown key {k!r}; use num_cpus, num_gpus")
-        elif not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            problems.append(f"resources.{k} must be a number >= 0, got {v!r}")
+            problems.append(f"resources: unknown key {_show(k)}; use num_cpus, num_gpus")
+        elif not _is_number(v) or v < 0:
+            problems.append(f"resources.{k} must be a finite number >= 0, got {_show(v)}")
+    preset = raw.get("preset")
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
+        problems.append(f"unknown preset {_show(preset)}; presets: {sorted(PRESETS)}")
+        preset = None  # the hyper-parameters are still checked, against the method defaults
+    loss = raw.get("loss")
+    if loss is not None and (not isinstance(loss, str) or loss not in LOSSES):
+        problems.append(f"unknown fiber loss {_show(loss)}; choose one of {list(LOSSES)}")
     init = raw.get("init", "noise")
     if isinstance(init, list):
         init = tuple(init)
+    if isinstance(init, tuple):
+        if len(init) != 2 or init[0] != "sdedit" or not _is_number(init[1]) or not 0 < init[1] <= 1000:
+            problems.append(f"init must be 'noise' or [sdedit, tau_star] with 0 < tau_star <= 1000, "
+                            f"got {_show(list(init))}")
+        elif "metamer" in methods:
+            problems.append("metamer has no prior and so no SDEdit start; remove it from methods or use init: noise")
+    elif init != "noise":
+        problems.append(f"init must be 'noise' or [sdedit, tau_star], got {_show(init)}")
 
     # per-method settings: fixed overrides x grid combinations, each checked by the sampler's own resolver
-    settings: dict[str, list[dict[str, Any]]] = {}
+    sections: dict[str, dict[str, dict]] = {}
+    broken: set[str] = set()  # methods whose grid cannot be expanded
     for section in ("hyperparameters", "grid"):
-        sec = raw.get(section) or {}
+        sec = raw.get(section)
+        sections[section] = {}
+        if sec is None:
+            continue
         if not isinstance(sec, Mapping):
-            problems.append(f"{section} must map method names to settings, got {type(sec).__name__}")
+            problems.append(f"{section} must map method names to settings, e.g. {{ndtm: {{lr: 0.05}}}}; "
+                            f"got {_show(sec)}")
             continue
-        for m in sec:
+        for m, body in sec.items():
             if m not in methods:
-                problems.append(f"{section}: method {m!r} is not in methods {methods}")
-            elif not isinstance(sec[m], Mapping):
-                problems.append(f"{section}.{m} must be a mapping of hyper-parameters")
-            elif section == "grid":
-                for k, v in sec[m].items():
-                    if not isinstance(v, list) or not v:
-                        problems.append(f"grid.{m}.{k} must be a non-empty list of values, got {v!r}")
+                problems.append(f"{section}: method {_show(m)} is not in methods {methods}")
+            elif not isinstance(body, Mapping):
+                problems.append(f"{section}.{m} must be a mapping of hyper-parameters, got {_show(body)}")
+                broken.add(m)
+            else:
+                if section == "grid":
+                    for k, v in body.items():
+                        if not isinstance(v, list) or not v:
+                            problems.append(f"grid.{m}.{k} must be a non-empty list of values, got {_show(v)}")
+                            broken.add(m)
+                sections[section][m] = dict(body)
+    settings: dict[str, list[dict[str, Any]]] = {}
     for m in methods:
-        if m not in METHODS:
+        if m in broken:
             continue
-        fixed = dict((raw.get("hyperparameters") or {}).get(m) or {})
-        grid = dict((raw.get("grid") or {}).get(m) or {})
-        if any(not isinstance(v, list) or not v for v in grid.values()):
+        fixed = sections["hyperparameters"].get(m, {})
+        grid = sections["grid"].get(m, {})
+        size = math.prod(len(v) for v in grid.values())
+        if size > MAX_JOBS:
+            problems.append(f"grid.{m} has {size} combinations; a sweep runs at most {MAX_JOBS} jobs")
             continue
         combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else [{}]
         settings[m] = []
         for combo in combos:
             hp = {**fixed, **combo}
             try:
-                _, run = resolve_hyperparameters(m, raw.get("preset"), hp)
-                from .sampling import LOSSES
-
-                loss = raw.get("loss") or run.get("loss", "cosine")
-                if loss not in LOSSES:
-                    raise ConfigError(f"unknown fiber loss {loss!r}; choose one of {LOSSES}")
+                resolve_hyperparameters(m, preset, hp)
             except ConfigError as e:
                 msg = f"{m} {combo if combo else ''}: {e}".replace("  ", " ")
                 if msg not in problems:
                     problems.append(msg)
                 continue
             settings[m].append(hp)
-    if isinstance(init, tuple):
-        if len(init) != 2 or init[0] != "sdedit" or not isinstance(init[1], (int, float)) or not 0 < init[1] <= 1000:
-            problems.append(f"init must be 'noise' or [sdedit, tau_star] with 0 < tau_star <= 1000, got {list(init)}")
-        elif "metamer" in methods:
-            problems.append("metamer has no prior and so no SDEdit start; remove it from methods or use init: noise")
-    elif init != "noise":
-        problems.append(f"init must be 'noise' or [sdedit, tau_star], got {init!r}")
 
     refs: list[tuple[torch.Tensor, str, dict]] = []
     selections = raw.get("references")
@@ -370,18 +484,23 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
     for i, sel in enumerate(_as_list(selections or [])):
         where = f"references[{i}]"
         if not isinstance(sel, Mapping) or len(sel) != 1 or next(iter(sel)) not in ("toy", "folder"):
-            problems.append(f"{where} must be {{toy: {{…}}}} or {{folder: {{…}}}}, got {sel!r}")
+            problems.append(f"{where} must be {{toy: {{…}}}} or {{folder: {{…}}}}, got {_show(sel)}")
             continue
         (kind, body), = sel.items()
         if not isinstance(body, Mapping):
-            problems.append(f"{where}.{kind} must be a mapping, got {body!r}")
+            problems.append(f"{where}.{kind} must be a mapping, got {_show(body)}")
             continue
-        refs += _toy_references(body, where, problems) if kind == "toy" else \
-            _folder_references(body, base, where, problems)
+        room = MAX_REFERENCES - len(refs)
+        refs += _toy_references(body, f"{where}.toy", problems, room) if kind == "toy" else \
+            _folder_references(body, base, f"{where}.folder", problems, room)
     ids = [r[1] for r in refs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         problems.append(f"references: the same reference is selected twice: {dup[:10]}")
+    total = len(refs) * len(extractors) * len(priors) * sum(len(v) for v in settings.values()) * len(seeds)
+    if total > MAX_JOBS:
+        problems.append(f"the sweep would run {total} jobs; at most {MAX_JOBS} (fewer references, seeds or "
+                        f"grid values)")
 
     sums: dict[str, str | None] = {}
     if checksums and not problems:
@@ -398,7 +517,7 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
     for ext, pri, m in itertools.product(extractors, priors, methods):
         for hp, seed, (ref, ref_id, cols) in itertools.product(settings[m], seeds, refs):
             job = Job(index=len(jobs), prior=pri, extractor=ext, method=m, seed=int(seed), n=n, steps=steps,
-                      loss=raw.get("loss"), preset=raw.get("preset"), init=init, hyperparameters=dict(hp),
+                      loss=loss, preset=preset, init=init, hyperparameters=dict(hp),
                       reference=ref, reference_id=ref_id, columns={"sweep": name, **cols},
                       checksums={"prior": sums.get(pri), "extractor": sums.get(ext)}, threads=threads,
                       batch_size=batch_size, resources=resources)

@@ -431,8 +431,6 @@ def sweep_configs(draw):
     return cfg
 
 
-@pytest.mark.xfail(strict=True, reason="sweep.expand lets TypeError/AttributeError escape for non-mapping "
-                   "hyperparameters/grid/resources values; fix proposed in the issue-9 report")
 @settings(max_examples=150, **HYP)
 @given(cfg=sweep_configs())
 def test_property_sweep_config_validation_gives_jobs_or_one_config_error(cfg):

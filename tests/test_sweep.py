@@ -238,3 +238,63 @@ def test_benchmark_ray_overhead_per_job_is_under_ten_percent(models_dir, tmp_pat
     r = res["ray1"]
     assert r["same_table"] and res["local_again"]["same_table"]
     assert r["steady_overhead_fraction"] < 0.10, r
+
+
+def test_validation_catches_wrong_types_empty_lists_and_typo_sized_counts(models_dir, tmp_path):
+    """Values of the wrong shape or size are listed like every other problem (no TypeError from deep inside),
+    before anything is rendered: a typo such as n: 10000000 references would otherwise render for hours."""
+    from fiberbench.sweep import MAX_JOBS, MAX_REFERENCES
+
+    cases = [
+        (dict(methods=[]), "methods must list at least one of"),
+        (dict(methods=None), "methods must list at least one of"),
+        (dict(methods=["ndtm", "ndtm"]), "methods has duplicates"),
+        (dict(hyperparameters=["ndtm"]), "hyperparameters must map method names to settings"),
+        (dict(hyperparameters={"ndtm": 5}), "hyperparameters.ndtm must be a mapping of hyper-parameters, got 5"),
+        (dict(grid="lr"), "grid must map method names to settings"),
+        (dict(grid={"ndtm": "lr"}), "grid.ndtm must be a mapping"),
+        (dict(grid={"ndtm": {"lr": 0.1}}), "grid.ndtm.lr must be a non-empty list of values, got 0.1"),
+        (dict(grid={"ndtm": {"lr": [0.1, float("nan")]}}), "lr must be a finite number >= 0, got nan (method 'ndtm')"),
+        (dict(hyperparameters={"ndtm": {"lr_decay": "cosine"}}),
+         "lr_decay must be one of ['linear', 'constant'], got 'cosine' (method 'ndtm')"),
+        (dict(resources=[1]), "resources must be a mapping"),
+        (dict(resources={"num_cpus": float("inf")}), "resources.num_cpus must be a finite number >= 0"),
+        (dict(resources={"num_gpus": True}), "resources.num_gpus must be a finite number >= 0, got True"),
+        (dict(threads=True), "threads must be a positive integer, got True"),
+        (dict(batch_size=False), "batch_size must be a positive integer"),
+        (dict(seeds=[-1]), "seeds must be integers in [0, 2**63)"),
+        (dict(seeds=[True]), "seeds must be integers"),
+        (dict(n=10 ** 7), "n must be a positive integer (samples per fiber, at most 10000), got 10000000"),
+        (dict(steps=10 ** 6), "steps must be a positive integer (at most 10000)"),
+        (dict(preset=["toy"]), "unknown preset ['toy']"),
+        (dict(loss={"l2": 1}), "unknown fiber loss {'l2': 1}"),
+        (dict(init=["sdedit", True]), "init must be 'noise' or [sdedit, tau_star]"),
+        (dict(extractors=[7]), "extractors: 7 is not a spec string"),
+        (dict(references=[{"toy": {"n": 10_000_000, "seed": 3}}]),
+         f"references[0].toy.n = 10000000 references is too many: a sweep takes at most {MAX_REFERENCES}"),
+        (dict(references=[{"toy": {"per_class": 5000, "classes": {"shape": ["circle", "square", "arrow"]}}}]),
+         "references[0].toy selects 5000 x 3 references"),
+        (dict(references=[{"toy": {"n": 1, "seed": -4}}]), "references[0].toy.seed must be an integer in [0, 2**63)"),
+        (dict(references=[{"toy": {"n": 1, "fixed": "red"}}]), "references[0].toy.fixed must map factor names"),
+        (dict(references=[{"toy": {"n": 1, "fixed": {"size": 5}}}]),
+         "references[0].toy.fixed.size must be a number in"),
+        (dict(references=[{"toy": {"n": 1, "fixed": {"mirror": 1}}}]),
+         "references[0].toy.fixed.mirror: 1 is not one of"),
+        (dict(references=[{"toy": {"classes": {"shape": []}}}]), "classes.shape must list at least one of"),
+        (dict(references=[{"folder": {"path": 3}}]), "references[0].folder.path must be a folder name"),
+        (dict(references=[{"folder": {"path": ".", "glob": "/abs/*.png"}}]),
+         "references[0].folder.glob '/abs/*.png' cannot"),
+        (dict(references=[{"folder": {"path": ".", "glob": 5}}]), "references[0].folder.glob must be a file pattern"),
+        (dict(references=[{"folder": {"path": "a\x00b"}}]), "does not exist"),
+        (dict(references=[{"toy": {"n": 1000, "seed": 3}}], seeds=list(range(101))),  # x 2 methods
+         f"the sweep would run 202000 jobs; at most {MAX_JOBS}"),
+    ]
+    for kw, part in cases:
+        with pytest.raises(ConfigError) as e:
+            expand({**small(), **kw}, checksums=False)
+        msg = str(e.value)
+        assert msg.startswith("sweep config has") and part in msg, (kw, msg)
+    # the same config with valid values expands (the cases above fail for the reason named, nothing else)
+    _, jobs = expand(small(refs=1, hyperparameters={"ndtm": {"lr_decay": "constant"}},
+                           grid={"ndtm": {"lr": [0.05, 0.1]}}, resources={"num_cpus": 1}), checksums=False)
+    assert len(jobs) == 3 and {j.hyperparameters.get("lr") for j in jobs if j.method == "ndtm"} == {0.05, 0.1}
