@@ -38,13 +38,6 @@ def test_every_toy_model_is_shipped_with_card_and_safetensors():
     assert total <= 40 * 2 ** 20, f"data/models is {total / 2 ** 20:.1f} MB"
 
 
-def test_prior_fm_is_close_to_its_bar(oracle):
-    """What the shipped flow prior does reach (asserted so a regression shows): >= 0.8 valid, shape and
-    colour marginals within TV 0.1 of the data."""
-    m = eval_prior(fb.load_prior("toy/prior-fm"), oracle, n=192, steps=20, seed=FRESH)
-    assert m["valid"] >= 0.80 and m["tv_shape"] <= 0.1 and m["tv_color"] <= 0.1, m
-
-
 def test_priors_are_about_a_million_parameters():
     for name in ("prior-fm", "prior-ddpm"):
         assert 0.8e6 < M.read_card(name)["parameters"] < 1.5e6
@@ -81,31 +74,32 @@ def test_clip_zero_shot_bar():
         assert m[f"zeroshot_{g}"] >= 0.90, m
 
 
-# The priors did not reach their bar in this session's CPU budget (measured, see the cards and
-# docs/models.md): prior-fm 0.855 valid after 9.5k steps, background marginal TV 0.30 (too much gray).
-# These tests keep the bar; xfail records that it is not met yet. A longer `fiberbench train-toy
-# --only prior-fm --minutes 200` run is the fix.
-PRIOR_BAR_NOT_MET = pytest.mark.xfail(reason="toy priors below the 0.90 validity / 0.10 TV bar (see cards)",
-                                      strict=False)
+# prior-fm reached its bar on 2026-11-30 (12.5k steps, sampled with shift 3: valid 0.938 and tv_max 0.095 on
+# 2048 samples). prior-ddpm did not (2.4k steps from the flow prior's weights: valid 0.32; its card): the
+# xfail keeps its bar and records that; `fiberbench train-toy --only prior-ddpm` resumed for longer is the fix.
+DDPM_BAR_NOT_MET = pytest.mark.xfail(reason="toy/prior-ddpm below the 0.90 validity / 0.10 TV bar (see its card)",
+                                     strict=False)
+PRIORS = ["prior-fm", pytest.param("prior-ddpm", marks=DDPM_BAR_NOT_MET)]
 
 
-@PRIOR_BAR_NOT_MET
-@pytest.mark.parametrize("name", ["prior-fm", "prior-ddpm"])
+@pytest.mark.parametrize("name", PRIORS)
 def test_prior_validity_quick(name, oracle):
     m = eval_prior(fb.load_prior(f"toy/{name}"), oracle, n=192, steps=20, seed=FRESH)
     assert m["valid"] >= 0.90, m
 
 
 @pytest.mark.slow
-@PRIOR_BAR_NOT_MET
-@pytest.mark.parametrize("name", ["prior-fm", "prior-ddpm"])
+@pytest.mark.parametrize("name", PRIORS)
 def test_prior_full_bar(name, oracle):
-    m = eval_prior(fb.load_prior(f"toy/{name}"), oracle, n=512, steps=20, seed=FRESH)
+    m = eval_prior(fb.load_prior(f"toy/{name}"), oracle, steps=20, seed=FRESH)  # 2048 samples
     assert m["valid"] >= 0.90 and m["tv_max"] <= 0.10, m
 
 
-@pytest.mark.parametrize("name", ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm"])
+@pytest.mark.parametrize("name", ["oracle", "shape-resnet", "color-vit", "clip",
+                                  pytest.param("prior-fm", marks=pytest.mark.slow),
+                                  pytest.param("prior-ddpm", marks=pytest.mark.slow)])
 def test_card_metrics_match_a_remeasurement(name):
+    """Re-measure with the card's settings (priors: 2048 samples, ~7 min each on 2 cores, hence slow)."""
     card = M.read_card(name)
     again = measure(name)
     for key, value in card["metrics"].items():
