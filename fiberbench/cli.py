@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("demo", help="sample fibers of the toy classifiers and write an HTML report")
     q.add_argument("--out", default="out/demo")
-    q.add_argument("--n", type=int, default=8, help="samples per reference")
+    q.add_argument("--n", type=int, default=6, help="samples per reference")
     q.add_argument("--references", type=int, default=4)
     q.add_argument("--steps", type=int, default=None)
     q.add_argument("--seed", type=int, default=0)

@@ -39,7 +39,7 @@ def grid_image(rows: list[torch.Tensor], pad: int = 2, scale: int = 3) -> torch.
     return out
 
 
-def run_demo(out: str | Path = "out/demo", n: int = 8, references: int = 4, steps: int | None = None,
+def run_demo(out: str | Path = "out/demo", n: int = 6, references: int = 4, steps: int | None = None,
              seed: int = 0, progress: bool = True) -> Path:
     """Sample fibers of ``toy/shape-resnet`` and ``toy/color-vit`` for a few references; write a report.
 
