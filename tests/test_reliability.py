@@ -494,12 +494,23 @@ class Faulty(torch.nn.Module):
         return out
 
 
+# The fault tests count guided steps: only the first denoising step (tau 1000) unguided, whatever the
+# prior's timestep shift (the shipped prior-fm samples with shift 3, whose second step is at tau 923-947
+# for 6-8 steps: inside the toy preset's gamma-0 segment down to tau 900)
+GAMMA_ONE_UNGUIDED_STEP = [(0, 0, 1000, 950), (1, 1, 950, 0)]
+
+
+def _unguided(kw: dict) -> dict:
+    """The same run without guidance (drops the guidance-only gamma)."""
+    return {k: v for k, v in kw.items() if k != "gamma"} | {"method": "unguided"}
+
+
 def test_nan_injection_retries_at_half_the_lr_gives_up_after_four_halvings_and_the_rest_finish(prior_fm,
                                                                                                shape_resnet):
     ref, _ = fb.toy.references(1, seed=21)
-    kw = dict(n=6, method="ndtm", preset="toy", steps=6, seed=3, progress=False)
+    kw = dict(n=6, method="ndtm", preset="toy", steps=6, seed=3, progress=False, gamma=GAMMA_ONE_UNGUIDED_STEP)
     clean = sample_fiber(prior_fm, shape_resnet, ref, **kw)
-    plain = sample_fiber(prior_fm, shape_resnet, ref, **{**kw, "method": "unguided"})
+    plain = sample_fiber(prior_fm, shape_resnet, ref, **_unguided(kw))
     bad = Faulty(shape_resnet, nan_rows=[1, 3], grad_rows=[2], transient_rows=[0], transient_calls=2)
     res = sample_fiber(prior_fm, bad, ref, **kw)
     guided_calls = bad.grad_calls  # inner steps x guided denoising steps
@@ -528,8 +539,10 @@ def test_nan_injection_retries_at_half_the_lr_gives_up_after_four_halvings_and_t
     # the recovered sample lands on the fiber like the clean ones: both under 1 % of the unguided distance
     # (measured with two prior-fm checkpoints: 3.0e-4 and 9.7e-6, clean samples 9e-6..1.5e-4 and 1e-6..1.5e-3,
     # unguided 1.32; cosine loss)
+    # (with the shift-3 prior the plain sample of row 0 happens to keep the reference's shape, so the bound is
+    # the benchmark's own "on the fiber": cosine >= 0.95, i.e. cosine loss <= 0.05; measured 1.2e-4)
     d = res.feature_distance
-    on_fiber = 0.01 * float(plain.feature_distance[0])
+    on_fiber = 0.05
     assert math.isfinite(float(d[0])) and float(d[0]) < on_fiber and float(clean.feature_distance.max()) < on_fiber
     assert math.isnan(float(d[1])) and math.isnan(float(d[3]))
     # the loss history shows NaN where the loss was not finite
@@ -542,7 +555,7 @@ def test_faults_spread_over_the_run_are_retried_each_time_and_never_add_up_to_a_
     """One NaN per guided step, a finite evaluation after each: the lr is halved six times in all, but a
     sample is only given up after five faults *in a row*; each denoising step starts at the full lr again."""
     ref, _ = fb.toy.references(1, seed=27)
-    kw = dict(n=3, method="ndtm", preset="toy", steps=7, seed=1, progress=False)
+    kw = dict(n=3, method="ndtm", preset="toy", steps=7, seed=1, progress=False, gamma=GAMMA_ONE_UNGUIDED_STEP)
     clean = sample_fiber(prior_fm, shape_resnet, ref, **kw)
 
     class FirstCallOfEveryStep(Faulty):
@@ -565,11 +578,11 @@ def test_faults_spread_over_the_run_are_retried_each_time_and_never_add_up_to_a_
     # still guided, though weaker: 3 of 4 inner steps at half the lr each step (measured 0.38 / 0.93 with two
     # prior-fm checkpoints, against 1.33 unguided and <= 3e-3 clean; cosine loss). Unguided it would be the plain
     # sample exactly (same noise), so 0.2 below it is guidance at work
-    plain = sample_fiber(prior_fm, shape_resnet, ref, **{**kw, "method": "unguided"})
+    plain = sample_fiber(prior_fm, shape_resnet, ref, **_unguided(kw))
     assert float(res.feature_distance[0]) < float(plain.feature_distance[0]) - 0.2
 
 
-@pytest.mark.parametrize("method,kw", [("dps", dict(preset="toy", steps=8, scale=2.0)), ("metamer", dict(iters=30))])
+@pytest.mark.parametrize("method,kw", [("dps", dict(preset="toy", steps=8, scale=2.0, gamma=GAMMA_ONE_UNGUIDED_STEP)), ("metamer", dict(iters=30))])
 def test_dps_and_metamer_retry_faulty_samples_at_a_smaller_step_and_leave_the_rest_alone(prior_fm, shape_resnet,
                                                                                          method, kw):
     ref, _ = fb.toy.references(1, seed=21)
