@@ -322,7 +322,7 @@ def train_conditional(*, minutes: float = 22.0, max_steps: int | None = None, ba
 
     from . import zoo
     from .toy import models as M
-    from .toy.train import EMA, TRAIN_SEED_BASE, _env, _lr_at, world_batch
+    from .toy.train import EMA, TRAIN_SEED_BASE, _env, _warmup_step, world_batch
 
     torch.manual_seed(seed)
     ext = zoo.load_extractor(f"{EXTRACTOR}@pre_logits")
@@ -410,13 +410,7 @@ def train_conditional(*, minutes: float = 22.0, max_steps: int | None = None, ba
             fib = ((1 - sigma[sel]) * (1 - cos)).sum() / batch  # over the whole batch: rows outside count 0
             loss = loss + fiber_lambda * fib
             fib_val = float((1 - cos).detach().mean())
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema.update(net, step)
+        _warmup_step(opt, net, loss, step, lr, warmup, ema, step)
         losses.append(loss.item())
         flows.append(flow.item())
         fibers.append(fib_val)

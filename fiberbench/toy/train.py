@@ -60,6 +60,17 @@ def _lr_at(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
 
+def _warmup_step(opt, net, loss, step: int, lr: float, warmup: int, ema, ema_step: int) -> None:
+    """One AdamW step of a diffusion-style loop: warm-up lr, backward, grad-clip 1, step, EMA update."""
+    for g in opt.param_groups:
+        g["lr"] = _lr_at(step, lr, warmup)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    ema.update(net, ema_step)
+
+
 # --------------------------------------------------------------------------- priors
 
 def prior_card(kind: str) -> dict[str, Any]:
@@ -180,13 +191,8 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
                 target = noise
                 pred = net(xt, t).sample
         loss = F.mse_loss(pred.float(), target)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, lr, warmup)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        ema.update(net, step if not resumed else 10 ** 6)  # resumed: EMA decay already warm
+        _warmup_step(opt, net, loss, step, lr, warmup, ema,
+                     step if not resumed else 10 ** 6)  # resumed: EMA decay already warm
         losses.append(loss.item())
         step += 1
         if step % 100 == 0:
