@@ -147,13 +147,13 @@ def format_table(out: dict[str, Any]) -> str:
     """Plain-text table of a bench result: one row per method.
 
     The quality columns come first; the invariance benchmark's ``recovery_auroc``, ``rank_correlation``,
-    ``pairs_estimated`` and ``training_seconds`` follow when some method has them. A column no method has is
+    ``rank_correlation_ceiling``, ``pairs_estimated`` and ``training_seconds`` follow when some method has them. A column no method has is
     left out; a method without a value (or with ``None``, e.g. the AUROC of a method with no valid sample)
     shows ``-``. Perf results (``{"rows": [...]}``) print as their dict.
     """
     base = ["feature_match", "validity", "diversity", "shape_kept", "color_changed", "seconds_per_sample",
             "overhead_vs_unguided"]
-    extra = ["recovery_auroc", "rank_correlation", "pairs_estimated", "training_seconds"]
+    extra = ["recovery_auroc", "rank_correlation", "rank_correlation_ceiling", "pairs_estimated", "training_seconds"]
     methods = {k: m for k, m in out.items() if isinstance(m, dict) and "rows" not in m}
     keys = [k for k in base + extra if k in base[:2] or any(k in m for m in methods.values())]
     w = max([10] + [len(k) + 2 for k in keys])

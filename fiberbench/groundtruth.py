@@ -78,7 +78,7 @@ from .errors import ConfigError, InputError
 __all__ = [
     "EXTRACTORS", "INVARIANT", "SENSITIVE", "INVARIANCE_SEED_BASE", "intervention_set", "true_invariance",
     "balanced_references", "fiber_factor_stats", "estimated_invariance", "recovery_auroc", "rank_correlation",
-    "score_method", "invariance_figure", "run_invariance_bench",
+    "rank_correlation_ceiling", "score_method", "invariance_figure", "run_invariance_bench",
 ]
 
 EXTRACTORS = ("toy/shape-resnet@logits", "toy/shape-resnet@pre_logits", "toy/color-vit@logits",
@@ -295,6 +295,27 @@ def rank_correlation(true: Sequence[float], estimated: Sequence[float]) -> float
     return float(spearmanr(t[ok], e[ok]).statistic)
 
 
+def rank_correlation_ceiling(true: Sequence[float], estimated: Sequence[float] | None = None, *,
+                             invariant: float = INVARIANT) -> float:
+    """Spearman of an *ideal* fiber estimator against ``true``: the best a fiber sampler can score here.
+
+    A fiber is a set of images whose features match the reference's within a tolerance; every factor
+    whose change keeps the features inside it is free in the fiber. The ideal estimator therefore
+    reports the true score on every pair below ``invariant`` (it sees exactly how much a partial or
+    sensitive factor is pinned) and full freedom, 1.0, tied, on every invariant pair (a factor that
+    moves the features by 3 % or by 13 % of a full resample is equally free inside the fiber). Its
+    Spearman is below 1 whenever the invariant pairs' true scores differ: the within-group order is
+    the extractor's feature geometry, which fiber membership does not see. Pairs where ``estimated``
+    (if given) is NaN are left out, so a method's ceiling is over the pairs it estimated. In [-1, 1].
+    """
+    t = np.asarray(true, float)
+    ok = np.isfinite(t)
+    if estimated is not None:
+        ok &= np.isfinite(np.asarray(estimated, float))
+    ideal = np.where(t >= invariant, 1.0, t)
+    return rank_correlation(t[ok], ideal[ok])
+
+
 def score_method(pairs: pd.DataFrame) -> dict[str, Any]:
     """The headline numbers of one method's pair table (columns ``true_invariance``, ``estimated``,
     ``estimated_all_samples``): AUROC and Spearman on valid samples and on all samples, and counts."""
@@ -305,6 +326,7 @@ def score_method(pairs: pd.DataFrame) -> dict[str, Any]:
     return {
         "recovery_auroc": recovery_auroc(t, e),
         "rank_correlation": rank_correlation(t, e),
+        "rank_correlation_ceiling": rank_correlation_ceiling(t, e),
         "recovery_auroc_all_samples": recovery_auroc(t, ea),
         "rank_correlation_all_samples": rank_correlation(t, ea),
         "pairs": int(len(pairs)),

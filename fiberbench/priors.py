@@ -165,6 +165,18 @@ class Prior(nn.Module):
         a, s = self.alpha_sigma(t)
         return a * x0 + s * noise
 
+    def renoise(self, x_s: torch.Tensor, s, t, noise: torch.Tensor) -> torch.Tensor:
+        """Forward-diffuse a state at time ``s`` back to the noisier time ``t`` (one transition of q).
+
+        ``x_t = (alpha_t / alpha_s) x_s + sqrt(sigma_t^2 - (alpha_t sigma_s / alpha_s)^2) noise``: if ``x_s``
+        is distributed as the marginal at ``s``, ``x_t`` is distributed as the marginal at ``t`` (the
+        "time travel" / recurrence step of FreeDoM and Universal Guidance).
+        """
+        a_t, s_t = self.alpha_sigma(t)
+        a_s, s_s = self.alpha_sigma(s)
+        r = a_t / a_s
+        return r * x_s + torch.sqrt((s_t ** 2 - (r * s_s) ** 2).clamp(min=0)) * noise
+
     # -- data space <-> images --------------------------------------------------------------
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Prior space -> images in [0,1] (differentiable)."""

@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_score=0.0, w_term=1.0,
                      gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero",
-                     grad_clip=1.0, adam_eps=1e-4)
+                     grad_clip=1.0, adam_eps=1e-4, recurrence=1, recurrence_tau=500.0)
 DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed")
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
 UNGUIDED_DEFAULTS = dict(eta=0.0)
@@ -91,6 +91,8 @@ HP_RULES: dict[str, dict[str, Any]] = {
     "target": dict(kind="choice", choices=("fixed", "time")),
     "control_init": dict(kind="choice", choices=("zero", "warm")),
     "gamma": dict(kind="gamma"),
+    "recurrence": dict(kind="int", lo=1, hi=100),
+    "recurrence_tau": dict(kind="real", lo=0.0, hi=1000.0),
 }
 
 # A sample whose fiber loss or gradient (or, for NDTM/DPS, next state) is non-finite goes back to its last
@@ -385,7 +387,8 @@ def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None
 def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None, *,
                 inner_steps: int = 4, lr: float = 0.05, lr_decay: str = "linear", w_ctrl: float = 0.0,
                 w_score: float = 0.0, w_term: float = 1.0, gamma=1.0, eta: float = 0.0, target: str = "fixed",
-                control_init: str = "zero", grad_clip: float = 1.0, adam_eps: float = 1e-8) -> torch.Tensor:
+                control_init: str = "zero", grad_clip: float = 1.0, adam_eps: float = 1e-8,
+                recurrence: int = 1, recurrence_tau: float = 500.0) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
@@ -403,6 +406,12 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     next denoising step starts at the full lr again). A non-finite next state redoes that step unguided
     for the sample. A fault after ``MAX_HALVINGS`` halvings in a row (no finite evaluation between
     them) gives up: the sample's control stays 0 (unguided) to the end.
+
+    ``recurrence`` r > 1 repeats every guided step at tau >= ``recurrence_tau`` r times: after the
+    controlled step from t to s the state is forward-diffused back to t (:meth:`Prior.renoise`, fresh
+    per-sample noise) and the step is redone, r - 1 times, the last result is kept ("time travel",
+    FreeDoM / Universal Guidance). It gives the coarse layout (shape, background) r chances to move to
+    the fiber while the noise level still lets it; cost: r times the guided calls of those steps.
     """
     n_steps = len(sched)
     u = torch.zeros_like(x)
@@ -410,51 +419,55 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
         t, s = sched.times[i], sched.times[i + 1]
         g = gamma_at(gamma, float(sched.taus[i]))
         rate = lr * (1.0 - i / n_steps) if lr_decay == "linear" else lr
-        loss = None
-        if g > 0 and inner_steps > 0 and rate > 0 and bool(problem.live().any()):
-            h = problem.target_at(t, target)
-            eps_base = None
-            if w_score:
-                with torch.no_grad():
-                    _, eps_base = problem.denoise(x, t)
-            u = torch.zeros_like(x) if control_init == "zero" else u.detach()
-            u[~problem.live()] = 0
-            problem.scale_exp.zero_()  # a new control problem: every sample starts at the full lr again
-            last_ok = torch.zeros_like(x)  # per sample: the last control whose cost and gradient were finite
-            opt = RowAdam(u, [rate * sc for sc in problem.step_scales()], eps=adam_eps)
-            u.requires_grad_(True)
-            for _ in range(inner_steps):
-                assert torch.is_grad_enabled(), "guided step needs autograd (a pipeline may have disabled it)"
-                x0, eps = problem.denoise(x + g * u, t)
-                loss = problem.loss(x0, h)
-                cost = w_term * loss
-                if w_ctrl:
-                    cost = cost + w_ctrl * (g * u).flatten(1).pow(2).sum(1)
-                if eps_base is not None:
-                    cost = cost + w_score * (eps_base - eps).flatten(1).pow(2).sum(1)
-                cost.sum().backward()
-                grad, u.grad = u.grad, None
-                with torch.no_grad():
-                    ok = _guard(problem, i, cost, grad, u, last_ok, opt, rate)
-                    last_ok[ok] = u[ok]
-                    norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
-                    grad.mul_((grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1)))
-                opt.step(grad, ok)
-            u = u.detach()
-            u[~_finite_rows(u)] = 0
-        u[~problem.live()] = 0  # given up: unguided from here on
-        with torch.no_grad():
-            xc = x + g * u if g > 0 else x
-            x0, eps = problem.denoise(xc, t)
-            x_new = problem.prior.step(xc, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
-            bad = ~_finite_rows(x_new)
-            if bad.any():  # fall back to the unguided step for those samples
-                problem.fault(bad, "state", i, halve=False)  # the next step's control starts afresh anyway
-                x0u, epsu = problem.denoise(x[bad], t)
-                x0[bad] = x0u
-                x_new[bad] = problem.prior.step(x[bad], x0u, epsu, t, s, 0.0)
-                u[bad] = 0
-            x = x_new
+        reps = int(recurrence) if g > 0 and float(sched.taus[i]) >= recurrence_tau else 1
+        for rep in range(reps):
+            if rep:  # time travel: back to t from the state just reached at s
+                x = problem.prior.renoise(x, s, t, problem.noise.draw())
+            loss = None
+            if g > 0 and inner_steps > 0 and rate > 0 and bool(problem.live().any()):
+                h = problem.target_at(t, target)
+                eps_base = None
+                if w_score:
+                    with torch.no_grad():
+                        _, eps_base = problem.denoise(x, t)
+                u = torch.zeros_like(x) if control_init == "zero" else u.detach()
+                u[~problem.live()] = 0
+                problem.scale_exp.zero_()  # a new control problem: every sample starts at the full lr again
+                last_ok = torch.zeros_like(x)  # per sample: the last control whose cost and gradient were finite
+                opt = RowAdam(u, [rate * sc for sc in problem.step_scales()], eps=adam_eps)
+                u.requires_grad_(True)
+                for _ in range(inner_steps):
+                    assert torch.is_grad_enabled(), "guided step needs autograd (a pipeline may have disabled it)"
+                    x0, eps = problem.denoise(x + g * u, t)
+                    loss = problem.loss(x0, h)
+                    cost = w_term * loss
+                    if w_ctrl:
+                        cost = cost + w_ctrl * (g * u).flatten(1).pow(2).sum(1)
+                    if eps_base is not None:
+                        cost = cost + w_score * (eps_base - eps).flatten(1).pow(2).sum(1)
+                    cost.sum().backward()
+                    grad, u.grad = u.grad, None
+                    with torch.no_grad():
+                        ok = _guard(problem, i, cost, grad, u, last_ok, opt, rate)
+                        last_ok[ok] = u[ok]
+                        norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
+                        grad.mul_((grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1)))
+                    opt.step(grad, ok)
+                u = u.detach()
+                u[~_finite_rows(u)] = 0
+            u[~problem.live()] = 0  # given up: unguided from here on
+            with torch.no_grad():
+                xc = x + g * u if g > 0 else x
+                x0, eps = problem.denoise(xc, t)
+                x_new = problem.prior.step(xc, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
+                bad = ~_finite_rows(x_new)
+                if bad.any():  # fall back to the unguided step for those samples
+                    problem.fault(bad, "state", i, halve=False)  # the next step's control starts afresh anyway
+                    x0u, epsu = problem.denoise(x[bad], t)
+                    x0[bad] = x0u
+                    x_new[bad] = problem.prior.step(x[bad], x0u, epsu, t, s, 0.0)
+                    u[bad] = 0
+                x = x_new
         problem.record(i, loss, x0)
         _report(callback, i, t, x, x0, problem, loss)
     return x0

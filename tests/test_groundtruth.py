@@ -47,6 +47,26 @@ def test_rank_correlation_is_spearman_on_finite_pairs():
     assert math.isnan(G.rank_correlation([0.1, 0.2], [0.3, 0.4]))
 
 
+def test_rank_correlation_ceiling_is_the_ideal_fiber_estimators_spearman():
+    from scipy.stats import spearmanr
+
+    # invariant pairs with distinct true scores: the ideal estimate ties them at 1.0
+    t = [0.0, 0.1, 0.35, 0.86, 0.9, 0.97, 1.0]
+    ideal = [0.0, 0.1, 0.35, 1.0, 1.0, 1.0, 1.0]
+    assert G.rank_correlation_ceiling(t) == pytest.approx(spearmanr(t, ideal).statistic)
+    assert G.rank_correlation_ceiling(t) < 0.93  # 1 would need the order among the four invariant pairs
+    assert G.rank_correlation_ceiling([0.0, 0.1, 0.5, 1.0, 1.0]) == pytest.approx(1.0)  # nothing to order
+    # a method's ceiling counts only the pairs it estimated
+    e = [0.1, np.nan, 0.4, 0.9, 1.0, 1.1, np.nan]
+    assert G.rank_correlation_ceiling(t, e) == pytest.approx(
+        spearmanr([0.0, 0.35, 0.86, 0.9, 0.97], [0.0, 0.35, 1, 1, 1]).statistic)
+    # the measured truth of the shipped extractors (docs/invariance_bench.md, 1000 references, seed 0):
+    # 21 invariant pairs between 0.86 and 1.00, so even the ideal estimator stays below the 0.8
+    measured = [0.00, 0.97, 0.94, 0.97, 0.97, 0.97, 0.96, 0.00, 0.91, 0.35, 0.92, 0.89, 0.87, 0.88,
+                0.99, 0.00, 0.99, 0.99, 1.00, 1.00, 0.99, 0.00, 0.87, 0.00, 0.87, 0.87, 0.86, 0.13]
+    assert G.rank_correlation_ceiling(measured) == pytest.approx(0.762, abs=0.002)
+
+
 # --------------------------------------------------------------------------- fiber statistics on hand-made frames
 
 def _frame(rows):

@@ -74,6 +74,54 @@ def test_ndtm_lands_on_the_fiber_and_spreads_like_the_conditional(gaussian_probl
     assert factor > 50
 
 
+@pytest.mark.parametrize("kind", ["diffusion", "flow"])
+def test_renoise_carries_the_marginal_at_s_to_the_marginal_at_t(gaussian_problem, kind):
+    """Prior.renoise (time travel): x_s ~ q(x_s) -> x_t ~ q(x_t); mean alpha_t mu, var alpha_t^2 std^2 + sigma_t^2."""
+    mu, std, _, _ = gaussian_problem
+    prior = GaussianPrior(mu, std, kind)
+    sched = prior.schedule(10)
+    t, s = sched.times[2], sched.times[6]
+    g = torch.Generator().manual_seed(3)
+    x0 = mu + std * torch.randn((20000, *SHAPE), generator=g)
+    x_s = prior.add_noise(x0, s, torch.randn(x0.shape, generator=g))
+    x_t = prior.renoise(x_s, s, t, torch.randn(x0.shape, generator=g))
+    a_t, s_t = prior.alpha_sigma(t)
+    assert (x_t.mean(0) - a_t * mu).abs().max() < 0.03
+    ratio = x_t.std(0) / torch.sqrt(a_t ** 2 * std ** 2 + s_t ** 2)
+    assert 0.97 < float(ratio.min()) and float(ratio.max()) < 1.03
+    # renoise to the same time is the identity
+    assert torch.equal(prior.renoise(x_s, s, s, torch.randn(x0.shape, generator=g)), x_s)
+
+
+def test_ndtm_recurrence_repeats_the_early_guided_steps_and_stays_on_the_fiber(gaussian_problem):
+    """recurrence r redoes every guided step at tau >= recurrence_tau r times; samples stay on the fiber."""
+    mu, std, A, x_ref = gaussian_problem
+    prior = GaussianPrior(mu, std, "flow")
+
+    class Counting(LinearExtractor):
+        calls = 0
+
+        def forward(self, images):
+            Counting.calls += 1
+            return super().forward(images)
+
+    ext = Counting(A)
+    kw = dict(n=500, method="ndtm", steps=20, loss="l2", lr=0.05, inner_steps=4, progress=False, batch_size=500,
+              gamma=[(1, 1, 1000, 0)])
+    one = sample_fiber(prior, ext, (x_ref + 1) / 2, **kw)
+    calls_one, Counting.calls = Counting.calls, 0
+    three = sample_fiber(prior, ext, (x_ref + 1) / 2, recurrence=3, recurrence_tau=500.0, **kw)
+    early = int((prior.schedule(20).taus[:-1] >= 500).sum())
+    assert Counting.calls - calls_one == 2 * early * 4  # two repeats of 4 inner steps at each early step
+    default = sample_fiber(prior, ext, (x_ref + 1) / 2, recurrence=1, **kw)
+    assert torch.equal(default.latents, one.latents)  # recurrence 1 is the plain sampler, bit for bit
+    for res in (one, three):
+        assert float(_fiber_error(res.latents.flatten(1), A, x_ref).median()) < 0.02
+    _, cov_c = conditional_moments(mu, std ** 2, A, x_ref)
+    trace_ratio = float(torch.cov(three.latents.flatten(1).double().T).trace() / cov_c.trace())
+    assert 0.8 < trace_ratio < 1.2  # time travel does not collapse the fiber's spread
+
+
 def test_prior_step_equals_diffusers_schedulers():
     """Our DDIM step is diffusers' DDIMScheduler.step (eta 0 and 0.5) and FlowMatchEuler's Euler step."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
