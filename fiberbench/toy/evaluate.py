@@ -159,6 +159,8 @@ PRIOR_EVAL_N = 2048  # the bars' ">= 2 000 images": at 512, mirror (chiral shape
 def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int = EVAL_SEED) -> dict[str, Any]:
     """Unconditional samples judged by the oracle: valid fraction and per-factor TV to the data.
 
+    The prior samples with its card's ``sampling.eta`` (0, deterministic DDIM / Euler, if the card
+    has none; the DDPM prior's card says 1, its ancestral sampler).
     The data side is the oracle's judgement of ``n`` fresh renders, so both sides
     pass through the same judge. Mirror is compared on chiral shapes only.
     ``tv_noise_max`` is the same statistic between two independent sets of ``n``
@@ -169,8 +171,9 @@ def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int 
 
     dummy = Extractor(torch.nn.Flatten(), spec="none/identity", layer="embed")
     ref = torch.zeros(1, 3, 32, 32)
+    eta = float(((getattr(prior, "card", None) or {}).get("sampling") or {}).get("eta", 0.0))
     res = sample_fiber(prior, dummy, ref, n=n, method="unguided", steps=steps, seed=seed, progress=False,
-                       batch_size=128)
+                       batch_size=128, eta=eta)
     pred = oracle.predict(res.images)
     data = oracle.predict(render(sample_factors(n, seed + 7)))
     out: dict[str, Any] = {"valid": float(pred["valid"].mean())}
@@ -189,7 +192,9 @@ def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int 
     noise += [total_variation(data[c], other[c], FACTORS[c], bins=5) for c in CONTINUOUS]
     out["tv_noise_max"] = max(noise)
     out["seconds_per_sample"] = res.config["seconds_per_sample"]
-    out["eval"] = {"n": n, "steps": steps, "seed": seed, "sampler": "unguided, eta=0 (DDIM / Euler)"}
+    out["eval"] = {"n": n, "steps": steps, "seed": seed,
+                   "sampler": "unguided, eta=0 (DDIM / Euler)" if eta == 0 else
+                   f"unguided, eta={eta:g} (the card's sampling.eta; 1 = DDPM ancestral)"}
     return out
 
 
