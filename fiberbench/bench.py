@@ -147,9 +147,9 @@ def format_table(out: dict[str, Any]) -> str:
     """Plain-text table of a bench result: one row per method.
 
     The quality columns come first; the invariance benchmark's ``recovery_auroc``, ``rank_correlation``,
-    ``rank_correlation_ceiling``, ``pairs_estimated`` and ``training_seconds`` follow when some method has them. A column no method has is
-    left out; a method without a value (or with ``None``, e.g. the AUROC of a method with no valid sample)
-    shows ``-``. Perf results (``{"rows": [...]}``) print as their dict.
+    ``rank_correlation_ceiling``, ``pairs_estimated`` and ``training_seconds`` follow when some method has
+    them. A column no method has is left out; a method without a value (or with ``None``, e.g. the AUROC of
+    a method with no valid sample) shows ``-``. Perf results (``{"rows": [...]}``) print as their dict.
     """
     base = ["feature_match", "validity", "diversity", "shape_kept", "color_changed", "seconds_per_sample",
             "overhead_vs_unguided"]

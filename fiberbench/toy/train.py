@@ -100,7 +100,7 @@ def prior_card(kind: str) -> dict[str, Any]:
                     # DDPM's own (ancestral) sampler: at 20 steps deterministic DDIM (eta 0) of this
                     # epsilon model smears the layout (1k steps after init from prior-fm, 256 samples:
                     # valid 0.37, x/y TV 0.27 with eta 0; valid 0.78, x/y TV 0.08 with eta 1)
-                    sampling={"eta": 1.0, "steps": 20})
+                    sampling={"eta": 1.0})
     else:
         raise ValueError(f"unknown prior kind {kind!r}; use 'fm' or 'ddpm'")
     return base
