@@ -66,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_score=0.0, w_term=1.0,
                      gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero",
-                     grad_clip=1.0, adam_eps=1e-4, recurrence=1, recurrence_tau=500.0)
+                     grad_clip=1.0, grad_norm="clip", adam_eps=1e-4, recurrence=1, recurrence_tau=500.0)
 DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed")
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
 UNGUIDED_DEFAULTS = dict(eta=0.0)
@@ -88,6 +88,7 @@ HP_RULES: dict[str, dict[str, Any]] = {
     "grad_clip": dict(kind="real", lo=0.0, open_lo=True),  # 0 would zero every update
     "adam_eps": dict(kind="real", lo=0.0, open_lo=True),  # 0 gives 0/0 = NaN in Adam for a row whose gradient is 0
     "lr_decay": dict(kind="choice", choices=("linear", "constant")),
+    "grad_norm": dict(kind="choice", choices=("clip", "unit")),
     "target": dict(kind="choice", choices=("fixed", "time")),
     "control_init": dict(kind="choice", choices=("zero", "warm")),
     "gamma": dict(kind="gamma"),
@@ -387,13 +388,14 @@ def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None
 def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None, *,
                 inner_steps: int = 4, lr: float = 0.05, lr_decay: str = "linear", w_ctrl: float = 0.0,
                 w_score: float = 0.0, w_term: float = 1.0, gamma=1.0, eta: float = 0.0, target: str = "fixed",
-                control_init: str = "zero", grad_clip: float = 1.0, adam_eps: float = 1e-8,
-                recurrence: int = 1, recurrence_tau: float = 500.0) -> torch.Tensor:
+                control_init: str = "zero", grad_clip: float = 1.0, grad_norm: str = "clip",
+                adam_eps: float = 1e-8, recurrence: int = 1, recurrence_tau: float = 500.0) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
     minimised with ``inner_steps`` Adam steps (fresh optimiser each step, gradient clipped to norm
-    ``grad_clip`` per sample, lr decaying linearly over the trajectory); then a DDIM step (``eta``)
+    ``grad_clip`` per sample, or with ``grad_norm="unit"`` rescaled to norm ``grad_clip`` whatever its
+    size, lr decaying linearly over the trajectory); then a DDIM step (``eta``)
     from the controlled state. Adam's first step is ``lr * sign(g)``: components whose gradient is
     float noise move as much as real ones, which makes results depend on batch size through
     round-off; ``adam_eps`` well above that noise (e.g. 1e-4 with unit-norm gradients) damps them.
@@ -451,7 +453,10 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                         ok = _guard(problem, i, cost, grad, u, last_ok, opt, rate)
                         last_ok[ok] = u[ok]
                         norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
-                        grad.mul_((grad_clip / norms).clamp(max=1.0).view(-1, *[1] * (grad.ndim - 1)))
+                        scale = grad_clip / norms
+                        if grad_norm == "clip":
+                            scale = scale.clamp(max=1.0)
+                        grad.mul_(scale.view(-1, *[1] * (grad.ndim - 1)))
                     opt.step(grad, ok)
                 u = u.detach()
                 u[~_finite_rows(u)] = 0

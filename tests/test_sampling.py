@@ -432,3 +432,21 @@ def test_row_adam_is_torch_adam_bit_for_bit_and_a_reset_row_starts_afresh():
         assert torch.equal(ours[2:3], fresh_row.detach())
         if k == 0:
             assert torch.equal(ours[3], frozen)
+
+
+def test_ndtm_unit_gradient_norm_is_blind_to_the_loss_scale(gaussian_problem):
+    """grad_norm="unit": every sample's Adam sees a unit-norm gradient, so a loss scaled by 1e-6 samples the
+    same fiber as the unscaled loss; with "clip" the tiny gradient sits under adam_eps and guidance stalls."""
+    mu, std, A, x_ref = gaussian_problem
+    prior = GaussianPrior(mu, std, "flow")
+    ext = LinearExtractor(A)
+    kw = dict(n=200, method="ndtm", steps=20, loss="l2", lr=0.05, inner_steps=4, progress=False, batch_size=200,
+              gamma=[(1, 1, 1000, 0)], adam_eps=1e-4, seed=4)
+    err = {}
+    for norm in ("clip", "unit"):
+        for w in (1.0, 1e-6):
+            res = sample_fiber(prior, ext, (x_ref + 1) / 2, grad_norm=norm, w_term=w, **kw)
+            err[norm, w] = float(_fiber_error(res.latents.flatten(1), A, x_ref).median())
+    assert err["unit", 1.0] < 0.02 and err["unit", 1e-6] < 0.02
+    assert abs(err["unit", 1e-6] - err["unit", 1.0]) < 0.1 * err["unit", 1.0]
+    assert err["clip", 1e-6] > 10 * err["unit", 1e-6]  # stalled: scaled-down gradients fall under adam_eps

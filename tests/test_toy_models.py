@@ -163,3 +163,36 @@ def test_list_models_cli():
         assert spec in out
     assert out.index("toy/prior-fm") < len(out)
     assert fb.list_models("toy/*", kind="prior") == ["toy/prior-fm", "toy/prior-ddpm"]
+
+
+def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
+    """DDPM high-noise emphasis: the first high_noise * batch timesteps come from t >= 0.9 T; every run's
+    settings are in the card; the flow prior and a fraction outside [0, 1] are refused."""
+    from diffusers import UNet2DModel
+
+    from fiberbench.toy.train import train_prior
+
+    seen = []
+    forward = UNet2DModel.forward
+
+    def spy(self, sample, timestep, *a, **k):
+        seen.append(torch.as_tensor(timestep).clone())
+        return forward(self, sample, timestep, *a, **k)
+
+    monkeypatch.setattr(UNet2DModel, "forward", spy)
+    card = train_prior("ddpm", max_steps=2, batch=16, root=tmp_path, high_noise=0.5, snr_weight_max=10.0,
+                       bf16=False, log=lambda s: None)
+    assert len(seen) == 2
+    for t in seen:
+        assert bool((t[:8] >= 900).all()) and t.shape == (16,)
+    # the uniform half reaches below 900 somewhere in 2 x 8 draws (probability 1 - 0.1^16)
+    assert bool((torch.cat([t[8:] for t in seen]) < 900).any())
+    assert card["training"]["runs"] == [{"lr": 2e-3, "bf16": False, "high_noise": 0.5, "snr_weight_max": 10.0}]
+    resumed = train_prior("ddpm", max_steps=3, batch=16, root=tmp_path, resume=True, lr=3e-4, bf16=False,
+                          log=lambda s: None)
+    assert resumed["training"]["runs"][1] == {"lr": 3e-4, "bf16": False, "high_noise": 0.0, "snr_weight_max": None,
+                                              "start_step": 2}
+    with pytest.raises(ConfigError, match="DDPM prior only"):
+        train_prior("fm", max_steps=1, root=tmp_path, high_noise=0.5)
+    with pytest.raises(ConfigError, match=r"high_noise must be a fraction in \[0, 1\], got 1.5"):
+        train_prior("ddpm", max_steps=1, root=tmp_path, high_noise=1.5)

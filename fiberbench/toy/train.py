@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from . import models as M
 from .world import DISCRETE, FACTORS, factor_index, render, sample_factors
 
@@ -109,7 +110,8 @@ def prior_card(kind: str) -> dict[str, Any]:
 def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | None = None, batch: int = 64,
                 lr: float = 2e-3, warmup: int = 200, ema_decay: float = 0.999, seed: int = 0,
                 save_every: int = 500, bf16: bool = True, root: Path | None = None, resume: bool = False,
-                init_from: str | None = None, log: Callable[[str], None] = print) -> dict:
+                init_from: str | None = None, high_noise: float = 0.0, snr_weight_max: float | None = None,
+                log: Callable[[str], None] = print) -> dict:
     """Train a toy prior; save EMA weights + card every ``save_every`` steps and at the end.
 
     ``bf16`` runs forward/backward under CPU bf16 autocast (fp32 master and
@@ -120,6 +122,14 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     must adapt. ``resume`` continues from the saved (EMA) weights and step count of an
     interrupted run (the optimiser restarts with a fresh warm-up); the card's
     ``seconds`` then adds both runs' wall time.
+
+    DDPM only, high-noise emphasis: ``high_noise`` is the fraction of each batch whose
+    timesteps are drawn from the noisiest tenth (t >= 0.9 T) instead of uniformly, and
+    ``snr_weight_max`` weights each sample's epsilon MSE by ``clip(1 / SNR(t), 1, max)``.
+    The epsilon loss is the x0 loss times SNR, so at high noise, where a global
+    choice such as the background is made, plain epsilon MSE barely trains the model;
+    both options put training signal there. Each run's settings go to the card's
+    ``training.runs``.
 
     Returns the card (training section filled; metrics are added by evaluation).
     """
@@ -137,6 +147,12 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     step, losses = 0, []
     resumed = []
     lr_by_run = [lr]
+    if kind != "ddpm" and (high_noise or snr_weight_max):
+        raise ConfigError("high_noise and snr_weight_max apply to the DDPM prior only")
+    if not 0.0 <= high_noise <= 1.0:
+        raise ConfigError(f"high_noise must be a fraction in [0, 1], got {high_noise!r}")
+    run_settings = {"lr": lr, "bf16": bf16, "high_noise": high_noise, "snr_weight_max": snr_weight_max}
+    runs = [run_settings]
     if init_from is not None:
         src = M.read_card(init_from, root)
         M.load_weights(init_from, net, root)
@@ -155,6 +171,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
         t0 -= float(old.get("seconds", 0.0))
         resumed = list(old.get("resumed_at_steps", [])) + [step]
         lr_by_run = list(old.get("lr_by_run", [old.get("lr", lr)] * len(resumed))) + [lr]
+        runs = [dict(r) for r in old.get("runs", [])] + [dict(run_settings, start_step=step)]
         gen.manual_seed(seed + step)
         log(f"[{name}] resumed at step {step}")
 
@@ -167,7 +184,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
             "data": f"fresh renders every step: sample_factors(batch, {TRAIN_SEED_BASE} + step), "
                     f"{step * batch} images in all",
             "env": _env(), "finished": final, "resumed_at_steps": resumed,
-            "lr_by_run": lr_by_run,
+            "lr_by_run": lr_by_run, "runs": runs,
         }
         card["parameters"] = M.count_params(net)
         M.save_weights(name, ema.shadow, root)
@@ -193,11 +210,20 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
                 target = noise - x0
                 pred = net(xt, sigma * 1000).sample
             else:
-                t = torch.randint(0, ddpm.config.num_train_timesteps, (batch,), generator=gen)
+                T = ddpm.config.num_train_timesteps
+                t = torch.randint(0, T, (batch,), generator=gen)
+                n_high = int(round(high_noise * batch))
+                if n_high:
+                    t[:n_high] = torch.randint(int(0.9 * T), T, (n_high,), generator=gen)
                 xt = ddpm.add_noise(x0, noise, t)
                 target = noise
                 pred = net(xt, t).sample
-        loss = F.mse_loss(pred.float(), target)
+        if kind == "ddpm" and snr_weight_max:
+            abar = ddpm.alphas_cumprod[t]
+            w = ((1 - abar) / abar).clamp(1.0, float(snr_weight_max))
+            loss = (w * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        else:
+            loss = F.mse_loss(pred.float(), target)
         _warmup_step(opt, net, loss, step, lr, warmup, ema,
                      step if not resumed else 10 ** 6)  # resumed: EMA decay already warm
         losses.append(loss.item())
