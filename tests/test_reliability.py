@@ -392,6 +392,7 @@ def test_every_hyperparameter_is_checked_for_type_finiteness_range_and_choices()
         ("ndtm", dict(grad_clip=0), r"grad_clip .*> 0, got 0"),
         ("ndtm", dict(lr_decay="cosine"), r"lr_decay .*must be one of \['linear', 'constant'\], got 'cosine'"),
         ("ndtm", dict(target=None), r"target .*one of \['fixed', 'time'\], got None"),
+        ("ndtm", dict(grad_norm="unit-norm"), r"grad_norm .*one of \['clip', 'unit'\], got 'unit-norm'"),
         ("ndtm", dict(control_init=["zero"]), r"control_init .*got \['zero'\] \(list\)"),
         ("ndtm", dict(w_term=-0.5), r"w_term .*>= 0, got -0\.5"),
         ("ndtm", dict(w_ctrl=10 ** 400), r"w_ctrl .*finite number"),
