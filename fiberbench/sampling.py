@@ -66,7 +66,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_score=0.0, w_term=1.0,
                      gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero",
-                     grad_clip=1.0, grad_norm="clip", adam_eps=1e-4, recurrence=1, recurrence_tau=500.0)
+                     grad_clip=1.0, grad_norm="clip", fiber_tol=0.0, adam_eps=1e-4, recurrence=1,
+                     recurrence_tau=500.0)
 DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed")
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
 UNGUIDED_DEFAULTS = dict(eta=0.0)
@@ -89,6 +90,7 @@ HP_RULES: dict[str, dict[str, Any]] = {
     "adam_eps": dict(kind="real", lo=0.0, open_lo=True),  # 0 gives 0/0 = NaN in Adam for a row whose gradient is 0
     "lr_decay": dict(kind="choice", choices=("linear", "constant")),
     "grad_norm": dict(kind="choice", choices=("clip", "unit")),
+    "fiber_tol": dict(kind="real", lo=0.0),
     "target": dict(kind="choice", choices=("fixed", "time")),
     "control_init": dict(kind="choice", choices=("zero", "warm")),
     "gamma": dict(kind="gamma"),
@@ -389,13 +391,14 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                 inner_steps: int = 4, lr: float = 0.05, lr_decay: str = "linear", w_ctrl: float = 0.0,
                 w_score: float = 0.0, w_term: float = 1.0, gamma=1.0, eta: float = 0.0, target: str = "fixed",
                 control_init: str = "zero", grad_clip: float = 1.0, grad_norm: str = "clip",
-                adam_eps: float = 1e-8, recurrence: int = 1, recurrence_tau: float = 500.0) -> torch.Tensor:
+                fiber_tol: float = 0.0, adam_eps: float = 1e-8, recurrence: int = 1, recurrence_tau: float = 500.0) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
     minimised with ``inner_steps`` Adam steps (fresh optimiser each step, gradient clipped to norm
     ``grad_clip`` per sample, or with ``grad_norm="unit"`` rescaled to norm ``grad_clip`` whatever its
-    size, lr decaying linearly over the trajectory); then a DDIM step (``eta``)
+    size, lr decaying linearly over the trajectory; a sample whose fiber loss is already ``<= fiber_tol``
+    gets a zero gradient for that inner step, so unit norm does not keep pushing it); then a DDIM step (``eta``)
     from the controlled state. Adam's first step is ``lr * sign(g)``: components whose gradient is
     float noise move as much as real ones, which makes results depend on batch size through
     round-off; ``adam_eps`` well above that noise (e.g. 1e-4 with unit-norm gradients) damps them.
@@ -456,6 +459,8 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                         scale = grad_clip / norms
                         if grad_norm == "clip":
                             scale = scale.clamp(max=1.0)
+                        if fiber_tol > 0:  # already on the fiber: no push (unit norm would push at full size)
+                            scale = torch.where(loss.detach().reshape(-1) <= fiber_tol, torch.zeros_like(scale), scale)
                         grad.mul_(scale.view(-1, *[1] * (grad.ndim - 1)))
                     opt.step(grad, ok)
                 u = u.detach()

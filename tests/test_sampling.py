@@ -450,3 +450,20 @@ def test_ndtm_unit_gradient_norm_is_blind_to_the_loss_scale(gaussian_problem):
     assert err["unit", 1.0] < 0.02 and err["unit", 1e-6] < 0.02
     assert abs(err["unit", 1e-6] - err["unit", 1.0]) < 0.1 * err["unit", 1.0]
     assert err["clip", 1e-6] > 10 * err["unit", 1e-6]  # stalled: scaled-down gradients fall under adam_eps
+
+
+def test_ndtm_fiber_tol_stops_pushing_samples_on_the_fiber(gaussian_problem):
+    """fiber_tol: a sample whose fiber loss is <= fiber_tol takes no control step. A tolerance above every
+    loss gives the unguided-through-NDTM path (lr 0) bit for bit; a finite one stops near it."""
+    mu, std, A, x_ref = gaussian_problem
+    prior = GaussianPrior(mu, std, "flow")
+    ext = LinearExtractor(A)
+    kw = dict(n=200, method="ndtm", steps=20, loss="l2", inner_steps=4, progress=False, batch_size=200,
+              gamma=[(1, 1, 1000, 0)], adam_eps=1e-4, grad_norm="unit", seed=4)
+    off = sample_fiber(prior, ext, (x_ref + 1) / 2, lr=0.0, **kw)
+    assert torch.equal(sample_fiber(prior, ext, (x_ref + 1) / 2, lr=0.05, fiber_tol=1e9, **kw).latents, off.latents)
+    full = sample_fiber(prior, ext, (x_ref + 1) / 2, lr=0.05, **kw)
+    tol = sample_fiber(prior, ext, (x_ref + 1) / 2, lr=0.05, fiber_tol=0.05, **kw)
+    err = {k: float(_fiber_error(r.latents.flatten(1), A, x_ref).median()) for k, r in
+           (("off", off), ("full", full), ("tol", tol))}
+    assert err["full"] < err["tol"] < 0.5 * err["off"]  # guided, but it stops pushing near the tolerance
