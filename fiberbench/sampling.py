@@ -391,7 +391,8 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                 inner_steps: int = 4, lr: float = 0.05, lr_decay: str = "linear", w_ctrl: float = 0.0,
                 w_score: float = 0.0, w_term: float = 1.0, gamma=1.0, eta: float = 0.0, target: str = "fixed",
                 control_init: str = "zero", grad_clip: float = 1.0, grad_norm: str = "clip",
-                fiber_tol: float = 0.0, adam_eps: float = 1e-8, recurrence: int = 1, recurrence_tau: float = 500.0) -> torch.Tensor:
+                fiber_tol: float = 0.0, adam_eps: float = 1e-8, recurrence: int = 1,
+                recurrence_tau: float = 500.0) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
@@ -460,7 +461,7 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                         if grad_norm == "clip":
                             scale = scale.clamp(max=1.0)
                         if fiber_tol > 0:  # already on the fiber: no push (unit norm would push at full size)
-                            scale = torch.where(loss.detach().reshape(-1) <= fiber_tol, torch.zeros_like(scale), scale)
+                            scale[loss.detach() <= fiber_tol] = 0.0
                         grad.mul_(scale.view(-1, *[1] * (grad.ndim - 1)))
                     opt.step(grad, ok)
                 u = u.detach()

@@ -135,6 +135,10 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     """
     from diffusers import DDPMScheduler
 
+    if kind != "ddpm" and (high_noise or snr_weight_max):
+        raise ConfigError("high_noise and snr_weight_max apply to the DDPM prior only")
+    if not 0.0 <= high_noise <= 1.0:
+        raise ConfigError(f"high_noise must be a fraction in [0, 1], got {high_noise!r}")
     torch.manual_seed(seed)
     card = prior_card(kind)
     name = card["name"]
@@ -147,10 +151,6 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     step, losses = 0, []
     resumed = []
     lr_by_run = [lr]
-    if kind != "ddpm" and (high_noise or snr_weight_max):
-        raise ConfigError("high_noise and snr_weight_max apply to the DDPM prior only")
-    if not 0.0 <= high_noise <= 1.0:
-        raise ConfigError(f"high_noise must be a fraction in [0, 1], got {high_noise!r}")
     run_settings = {"lr": lr, "bf16": bf16, "high_noise": high_noise, "snr_weight_max": snr_weight_max}
     runs = [run_settings]
     if init_from is not None:
