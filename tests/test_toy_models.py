@@ -167,6 +167,23 @@ def test_list_models_cli():
     assert fb.list_models("toy/*", kind="prior") == ["toy/prior-fm", "toy/prior-ddpm"]
 
 
+def test_ddpm_loss_low_frequency_term():
+    """lowfreq_weight adds the 8x8-pooled error weighted as an x0 loss (1/SNR, capped): a constant error
+    counts in full, an error that averages to zero in every 8x8 block not at all; the plain loss is MSE."""
+    from fiberbench.toy.train import LOWFREQ_SNR_CAP, ddpm_loss
+
+    eps = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    abar = torch.tensor([0.5, 1e-4])  # 1/SNR = 1 and 9999 (capped)
+    const = eps + 0.1
+    checker = eps + 0.1 * (torch.arange(32).view(1, 32) + torch.arange(32).view(32, 1)).remainder(2).mul(2).sub(1)
+    w = torch.tensor([1.0, LOWFREQ_SNR_CAP])
+    assert torch.isclose(ddpm_loss(const, eps, abar), torch.tensor(0.01))
+    assert torch.isclose(ddpm_loss(const, eps, abar, lowfreq_weight=0.05), 0.01 + 0.05 * (w * 0.01).mean())
+    assert torch.isclose(ddpm_loss(checker, eps, abar, lowfreq_weight=0.05), torch.tensor(0.01))
+    # snr weighting: clip(1/SNR, 1, max) per sample
+    assert torch.isclose(ddpm_loss(const, eps, abar, snr_weight_max=10.0), torch.tensor((0.01 + 0.1) / 2))
+
+
 def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
     """DDPM high-noise emphasis: the first high_noise * batch timesteps come from t >= 0.9 T; every run's
     settings are in the card; the flow prior and a fraction outside [0, 1] are refused."""
@@ -183,18 +200,21 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
 
     monkeypatch.setattr(UNet2DModel, "forward", spy)
     card = train_prior("ddpm", max_steps=2, batch=16, root=tmp_path, high_noise=0.5, snr_weight_max=10.0,
-                       bf16=False, log=lambda s: None)
+                       lowfreq_weight=0.05, bf16=False, log=lambda s: None)
     assert len(seen) == 2
     for t in seen:
         assert bool((t[:8] >= 900).all()) and t.shape == (16,)
     # the uniform half reaches below 900 somewhere in 2 x 8 draws (probability 1 - 0.1^16)
     assert bool((torch.cat([t[8:] for t in seen]) < 900).any())
-    assert card["training"]["runs"] == [{"lr": 2e-3, "bf16": False, "high_noise": 0.5, "snr_weight_max": 10.0}]
+    assert card["training"]["runs"] == [{"lr": 2e-3, "bf16": False, "high_noise": 0.5, "snr_weight_max": 10.0,
+                                         "lowfreq_weight": 0.05}]
     resumed = train_prior("ddpm", max_steps=3, batch=16, root=tmp_path, resume=True, lr=3e-4, bf16=False,
                           log=lambda s: None)
     assert resumed["training"]["runs"][1] == {"lr": 3e-4, "bf16": False, "high_noise": 0.0, "snr_weight_max": None,
                                               "start_step": 2}
     with pytest.raises(ConfigError, match="DDPM prior only"):
         train_prior("fm", max_steps=1, root=tmp_path, high_noise=0.5)
+    with pytest.raises(ConfigError, match="DDPM prior only"):
+        train_prior("fm", max_steps=1, root=tmp_path, lowfreq_weight=0.05)
     with pytest.raises(ConfigError, match=r"high_noise must be a fraction in \[0, 1\], got 1.5"):
         train_prior("ddpm", max_steps=1, root=tmp_path, high_noise=1.5)

@@ -74,6 +74,29 @@ def _warmup_step(opt, net, loss, step: int, lr: float, warmup: int, ema, ema_ste
 
 # --------------------------------------------------------------------------- priors
 
+LOWFREQ_SNR_CAP = 2000.0  # 1/SNR at tau ~985 (cosine schedule); above it the pooled x0 target is mostly noise
+
+
+def ddpm_loss(pred: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, snr_weight_max: float | None = None,
+              lowfreq_weight: float = 0.0) -> torch.Tensor:
+    """The DDPM training loss of one batch (see :func:`train_prior`).
+
+    ``pred``, ``eps``: ``[B,3,H,W]`` predicted and true noise; ``abar``: ``[B]`` the samples'
+    cumulative alphas. Plain epsilon MSE, optionally weighted per sample by
+    ``clip(1 / SNR, 1, snr_weight_max)``, plus ``lowfreq_weight * min(1 / SNR, LOWFREQ_SNR_CAP)``
+    times the MSE of the 8x8-pooled error (the x0 error of the image's low frequencies).
+    """
+    per_sample = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+    inv_snr = (1 - abar) / abar
+    if snr_weight_max:
+        per_sample = inv_snr.clamp(1.0, float(snr_weight_max)) * per_sample
+    loss = per_sample.mean()
+    if lowfreq_weight:
+        pooled = F.avg_pool2d(pred - eps, 8).pow(2).mean(dim=(1, 2, 3))
+        loss = loss + lowfreq_weight * (inv_snr.clamp(max=LOWFREQ_SNR_CAP) * pooled).mean()
+    return loss
+
+
 def prior_card(kind: str) -> dict[str, Any]:
     """A fresh card for ``prior-fm`` (flow matching) or ``prior-ddpm`` (DDPM, eps-prediction)."""
     base = {
@@ -111,7 +134,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
                 lr: float = 2e-3, warmup: int = 200, ema_decay: float = 0.999, seed: int = 0,
                 save_every: int = 500, bf16: bool = True, root: Path | None = None, resume: bool = False,
                 init_from: str | None = None, high_noise: float = 0.0, snr_weight_max: float | None = None,
-                log: Callable[[str], None] = print) -> dict:
+                lowfreq_weight: float = 0.0, log: Callable[[str], None] = print) -> dict:
     """Train a toy prior; save EMA weights + card every ``save_every`` steps and at the end.
 
     ``bf16`` runs forward/backward under CPU bf16 autocast (fp32 master and
@@ -128,15 +151,19 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     ``snr_weight_max`` weights each sample's epsilon MSE by ``clip(1 / SNR(t), 1, max)``.
     The epsilon loss is the x0 loss times SNR, so at high noise, where a global
     choice such as the background is made, plain epsilon MSE barely trains the model;
-    both options put training signal there. Each run's settings go to the card's
-    ``training.runs``.
+    both options put training signal there. ``lowfreq_weight`` (lambda) adds
+    ``lambda * min(1 / SNR, LOWFREQ_SNR_CAP) * |pool8(eps_hat - eps)|^2``: the x0 error of
+    the 8x8-pooled image (its low frequencies: the background level, the shape's place),
+    weighted as an x0 loss, without the per-pixel x0 noise that 1/SNR weighting of the
+    whole image amplifies. Its minimiser is the same posterior mean, so it changes the
+    emphasis, not the target. Each run's settings go to the card's ``training.runs``.
 
     Returns the card (training section filled; metrics are added by evaluation).
     """
     from diffusers import DDPMScheduler
 
-    if kind != "ddpm" and (high_noise or snr_weight_max):
-        raise ConfigError("high_noise and snr_weight_max apply to the DDPM prior only")
+    if kind != "ddpm" and (high_noise or snr_weight_max or lowfreq_weight):
+        raise ConfigError("high_noise, snr_weight_max and lowfreq_weight apply to the DDPM prior only")
     if not 0.0 <= high_noise <= 1.0:
         raise ConfigError(f"high_noise must be a fraction in [0, 1], got {high_noise!r}")
     torch.manual_seed(seed)
@@ -152,6 +179,8 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     resumed = []
     lr_by_run = [lr]
     run_settings = {"lr": lr, "bf16": bf16, "high_noise": high_noise, "snr_weight_max": snr_weight_max}
+    if lowfreq_weight:
+        run_settings["lowfreq_weight"] = lowfreq_weight
     runs = [run_settings]
     if init_from is not None:
         src = M.read_card(init_from, root)
@@ -218,10 +247,8 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
                 xt = ddpm.add_noise(x0, noise, t)
                 target = noise
                 pred = net(xt, t).sample
-        if kind == "ddpm" and snr_weight_max:
-            abar = ddpm.alphas_cumprod[t]
-            w = ((1 - abar) / abar).clamp(1.0, float(snr_weight_max))
-            loss = (w * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        if kind == "ddpm":
+            loss = ddpm_loss(pred.float(), target, ddpm.alphas_cumprod[t], snr_weight_max, lowfreq_weight)
         else:
             loss = F.mse_loss(pred.float(), target)
         _warmup_step(opt, net, loss, step, lr, warmup, ema,
