@@ -184,6 +184,18 @@ def test_ddpm_loss_low_frequency_term():
     assert torch.isclose(ddpm_loss(const, eps, abar, snr_weight_max=10.0), torch.tensor((0.01 + 0.1) / 2))
 
 
+def test_train_prior_resume_gets_its_own_time_budget(tmp_path):
+    """minutes is the budget of this run: a resumed run whose card already records more seconds still trains."""
+    from fiberbench.toy.train import train_prior
+
+    train_prior("fm", max_steps=1, batch=4, root=tmp_path, bf16=False, log=lambda s: None)
+    card = M.read_card("prior-fm", tmp_path)
+    card["training"]["seconds"] = 1e5
+    M.write_card("prior-fm", card, tmp_path)
+    again = train_prior("fm", minutes=0.02, batch=4, root=tmp_path, resume=True, bf16=False, log=lambda s: None)
+    assert again["training"]["steps"] > 1 and again["training"]["seconds"] > 1e5
+
+
 def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
     """DDPM high-noise emphasis: the first high_noise * batch timesteps come from t >= 0.9 T; every run's
     settings are in the card; the flow prior and a fraction outside [0, 1] are refused."""

@@ -144,7 +144,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     world; only its output (epsilon instead of velocity) and time embedding
     must adapt. ``resume`` continues from the saved (EMA) weights and step count of an
     interrupted run (the optimiser restarts with a fresh warm-up); the card's
-    ``seconds`` then adds both runs' wall time.
+    ``seconds`` then adds both runs' wall time, while ``minutes`` is the budget of this run.
 
     DDPM only, high-noise emphasis: ``high_noise`` is the fraction of each batch whose
     timesteps are drawn from the noisiest tenth (t >= 0.9 T) instead of uniformly, and
@@ -175,6 +175,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     ddpm = DDPMScheduler(**card["scheduler"]["config"]) if kind == "ddpm" else None
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
+    run_start = t0  # the time budget is this run's; t0 moves back by earlier runs' seconds on resume
     step, losses = 0, []
     resumed = []
     lr_by_run = [lr]
@@ -222,7 +223,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     while True:
         if max_steps is not None and step >= max_steps:
             break
-        if max_steps is None and time.time() - t0 > minutes * 60:
+        if max_steps is None and time.time() - run_start > minutes * 60:
             break
         stop_file = (root or M.models_dir()) / f"{name}.stop"
         if step % 100 == 0 and stop_file.exists():  # `touch data/models/<name>.stop` ends a run cleanly
