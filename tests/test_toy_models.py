@@ -232,3 +232,5 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
         train_prior("fm", max_steps=1, root=tmp_path, lowfreq_weight=0.05)
     with pytest.raises(ConfigError, match=r"high_noise must be a fraction in \[0, 1\], got 1.5"):
         train_prior("ddpm", max_steps=1, root=tmp_path, high_noise=1.5)
+    with pytest.raises(ConfigError, match=r"lowfreq_weight must be >= 0, got -0.1"):
+        train_prior("ddpm", max_steps=1, root=tmp_path, lowfreq_weight=-0.1)

@@ -166,6 +166,8 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
         raise ConfigError("high_noise, snr_weight_max and lowfreq_weight apply to the DDPM prior only")
     if not 0.0 <= high_noise <= 1.0:
         raise ConfigError(f"high_noise must be a fraction in [0, 1], got {high_noise!r}")
+    if lowfreq_weight < 0:
+        raise ConfigError(f"lowfreq_weight must be >= 0, got {lowfreq_weight!r}")
     torch.manual_seed(seed)
     card = prior_card(kind)
     name = card["name"]
