@@ -24,6 +24,7 @@ common scale [0, 1000] used by guidance schedules.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,11 +83,22 @@ class Prior(nn.Module):
     # -- schedule ----------------------------------------------------------------------
     noise: "VPNoise | FlowNoise"
 
-    def schedule(self, steps: int, t_start: float | None = None) -> Schedule:
-        """Times of a ``steps``-step run from pure noise (or from model time ``t_start``) to the data."""
+    def schedule(self, steps: int, t_start: float | None = None, shift: float | None = None) -> Schedule:
+        """Times of a ``steps``-step run from pure noise (or from model time ``t_start``) to the data.
+
+        ``shift`` (diffusion priors, runs from pure noise): the times at the noise levels of a
+        ``shift``-shifted rectified-flow grid (see :meth:`VPNoise.times`) instead of the trailing grid.
+        """
         if int(steps) != steps or steps < 1:
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-        times = self.noise.times(int(steps), t_start)
+        if shift is not None:
+            if not isinstance(self.noise, VPNoise):
+                raise ConfigError("shift applies to diffusion (VP) priors; a flow prior's grid is its scheduler's")
+            if t_start is not None:
+                raise ConfigError("shift gives a grid from pure noise; it cannot start at t_start")
+            times = self.noise.times(int(steps), shift=shift)
+        else:
+            times = self.noise.times(int(steps), t_start)
         a, s = self.alpha_sigma(times)
         return Schedule(times, a, s, self.tau(times))
 
@@ -110,11 +122,12 @@ class Prior(nn.Module):
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample | flow
     clamp_range: tuple[float, float] | None = (-1.0, 1.0)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor | float,
+                clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One model call: ``(x0_hat, eps_hat)``, both shaped like ``x_t``.
 
-        x0_hat is clamped to the data range (pixel priors) and eps_hat is
-        re-derived from the clamped x0_hat so that (x0_hat, eps_hat) are
+        x0_hat is clamped to the data range (pixel priors; ``clamp=False`` skips it) and
+        eps_hat is re-derived from the clamped x0_hat so that (x0_hat, eps_hat) are
         consistent with x_t (as diffusers' DDIM does with clipping).
         """
         t = torch.as_tensor(t, dtype=torch.float32)
@@ -131,7 +144,7 @@ class Prior(nn.Module):
             x0 = x_t - s * out
         else:  # pragma: no cover - checked at construction
             raise ConfigError(f"unknown prediction type {p!r}")
-        if self.clamp_range is not None:
+        if clamp and self.clamp_range is not None:
             x0 = x0.clamp(*self.clamp_range)
         eps = (x_t - a * x0) / s
         return x0, eps
@@ -214,10 +227,28 @@ class VPNoise:
     def time_at_tau(self, tau: float) -> float:
         return float(round(tau * self.num_train_timesteps / 1000.0) - 1)
 
-    def times(self, steps: int, t_start: float | None = None) -> torch.Tensor:
-        """``steps`` trailing-spaced DDIM times (first = the last training step), then -1 (data)."""
+    def times(self, steps: int, t_start: float | None = None, shift: float | None = None) -> torch.Tensor:
+        """``steps`` trailing-spaced DDIM times (first = the last training step), then -1 (data).
+
+        ``shift``: instead, the training steps nearest (in log SNR) to the noise levels of a
+        ``steps``-step rectified-flow grid shifted by ``shift`` (``sigma = shift u / (1 + (shift - 1) u)``,
+        ``u`` uniform on (0, 1]; equal ``alpha / sigma`` is the same noise level), repeated steps
+        dropped. With shift > 1 the grid is fine at high noise, where a global choice such as an
+        image's background is made, and the first step no longer jumps across it (as the trailing grid does).
+        """
         from diffusers import DDIMScheduler
 
+        if shift is not None:
+            if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+                raise ConfigError(f"shift must be a finite number > 0, got {shift!r}")
+            u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
+            sig = shift * u / (1 + (shift - 1) * u)
+            abar_grid = (1 - sig) ** 2 / ((1 - sig) ** 2 + sig ** 2)
+            lsnr_train = (self.abar[:-1].double() / (1 - self.abar[:-1].double())).log()
+            lsnr_grid = (abar_grid / (1 - abar_grid)).log().clamp(min=float(lsnr_train.min()))  # u = 1: last step
+            idx = (lsnr_train[None, :] - lsnr_grid[:, None]).abs().argmin(1)
+            ts = torch.tensor(sorted(set(idx.tolist()), reverse=True), dtype=torch.float32)
+            return torch.cat([ts, torch.tensor([-1.0])])
         if t_start is None:
             sched = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
             sched.set_timesteps(steps)

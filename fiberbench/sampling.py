@@ -70,7 +70,11 @@ NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_sc
                      recurrence_tau=500.0)
 DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed")
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
-UNGUIDED_DEFAULTS = dict(eta=0.0)
+# The prior's own sampler. deterministic_above_tau: steps from tau above it use eta 0 (DDIM / Euler), the rest
+# ``eta``; grid_shift > 0 (diffusion priors): the times of a shifted rectified-flow grid (Prior.schedule), 0 = the
+# prior's own; unclamped_tau (lo, hi): x0_hat is not clamped to the data range for lo < tau < hi. The DDPM toy
+# prior's card sets all four (its sampling section; see docs/performance.md for why each is there).
+UNGUIDED_DEFAULTS = dict(eta=0.0, deterministic_above_tau=1000.0, grid_shift=0.0, unclamped_tau=(0.0, 0.0))
 DEFAULTS = {"ndtm": NDTM_DEFAULTS, "dps": DPS_DEFAULTS, "metamer": METAMER_DEFAULTS, "unguided": UNGUIDED_DEFAULTS}
 
 # What every hyper-parameter of DEFAULTS accepts; resolve_hyperparameters checks each value against its rule
@@ -96,6 +100,9 @@ HP_RULES: dict[str, dict[str, Any]] = {
     "gamma": dict(kind="gamma"),
     "recurrence": dict(kind="int", lo=1, hi=100),
     "recurrence_tau": dict(kind="real", lo=0.0, hi=1000.0),
+    "deterministic_above_tau": dict(kind="real", lo=0.0, hi=1000.0),
+    "grid_shift": dict(kind="real", lo=0.0),
+    "unclamped_tau": dict(kind="tau_band"),
 }
 
 # A sample whose fiber loss or gradient (or, for NDTM/DPS, next state) is non-finite goes back to its last
@@ -241,10 +248,10 @@ class FiberProblem:
         dev = self.target.device.type
         return torch.autocast(dev, dtype=self.autocast, enabled=self.autocast is not None)
 
-    def denoise(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoise(self, x_t: torch.Tensor, t, clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls["denoiser"] += 1
         with self._amp():
-            x0, eps = self.prior.denoise(x_t, t)
+            x0, eps = self.prior.denoise(x_t, t, clamp=clamp)
         return x0.float(), eps.float()
 
     def features(self, x0: torch.Tensor) -> torch.Tensor:
@@ -375,13 +382,25 @@ def _progress(total: int, disable: bool | None):
 # --------------------------------------------------------------------------- samplers
 
 def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None,
-                    eta: float = 0.0) -> torch.Tensor:
-    """Plain sampling from the prior (DDIM with ``eta``; the Euler step for flows)."""
+                    eta: float = 0.0, deterministic_above_tau: float = 1000.0, grid_shift: float = 0.0,
+                    unclamped_tau: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """Plain sampling from the prior (DDIM with ``eta``; the Euler step for flows).
+
+    ``deterministic_above_tau``: steps starting above this tau are deterministic (eta 0).
+    ``grid_shift`` > 0: the shifted grid of :meth:`~fiberbench.priors.Prior.schedule` with ``len(sched)``
+    steps replaces ``sched`` (a run from pure noise: its first time is the same).
+    ``unclamped_tau = (lo, hi)``: no clamp of x0_hat to the data range for lo < tau < hi.
+    """
+    if grid_shift:
+        sched = problem.prior.schedule(len(sched), shift=grid_shift)
+    lo, hi = unclamped_tau
     for i in _progress(len(sched), disable):
         t, s = sched.times[i], sched.times[i + 1]
+        tau = float(sched.taus[i])
+        e = 0.0 if tau > deterministic_above_tau else eta
         with torch.no_grad():
-            x0, eps = problem.denoise(x, t)
-            x = problem.prior.step(x, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
+            x0, eps = problem.denoise(x, t, clamp=not lo < tau < hi)
+            x = problem.prior.step(x, x0, eps, t, s, e, problem.noise.draw() if e > 0 else None)
         problem.record(i, None, x0)
         _report(callback, i, t, x, x0, problem)
     return x0
@@ -748,6 +767,12 @@ def check_hyperparameter(name: str, value: Any, method: str = "") -> Any:
         if not ok:
             raise ConfigError(f"{name} must be a finite number {what}, got {_show(value)}{where}")
         return value.item() if isinstance(value, (np.integer, np.floating)) else value
+    if kind == "tau_band":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_real(v) and _finite(v) for v in value)
+                and 0 <= float(value[0]) <= float(value[1]) <= 1000):
+            raise ConfigError(f"{name} must be a pair (lo, hi) of numbers with 0 <= lo <= hi <= 1000, "
+                              f"got {_show(value)}{where}")
+        return (float(value[0]), float(value[1]))
     if kind == "choice":
         choices = rule["choices"]
         if not isinstance(value, str) or value not in choices:
@@ -866,6 +891,8 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
         t_star = float(init[1])
         if method == "metamer":
             raise ConfigError("metamer has no prior and so no SDEdit start; use init='noise'")
+        if hp.get("grid_shift"):
+            raise ConfigError("grid_shift gives a grid from pure noise; it cannot start from an SDEdit init")
     elif init != "noise":
         raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star), got {init!r}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:

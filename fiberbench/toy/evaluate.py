@@ -159,8 +159,9 @@ PRIOR_EVAL_N = 2048  # the bars' ">= 2 000 images": at 512, mirror (chiral shape
 def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int = EVAL_SEED) -> dict[str, Any]:
     """Unconditional samples judged by the oracle: valid fraction and per-factor TV to the data.
 
-    The prior samples with its card's ``sampling.eta`` (0, deterministic DDIM / Euler, if the card
-    has none; the DDPM prior's card says 1, its ancestral sampler).
+    The prior samples with its card's ``sampling`` settings: the unguided sampler's hyper-parameters
+    (none: deterministic DDIM / Euler on the prior's own grid; the DDPM prior's card sets the
+    ancestral sampler, eta 1, below tau 925 on a shift-3 grid, with x0 unclamped in tau 250-995).
     The data side is the oracle's judgement of ``n`` fresh renders, so both sides
     pass through the same judge. Mirror is compared on chiral shapes only.
     ``tv_noise_max`` is the same statistic between two independent sets of ``n``
@@ -171,9 +172,9 @@ def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int 
 
     dummy = Extractor(torch.nn.Flatten(), spec="none/identity", layer="embed")
     ref = torch.zeros(1, 3, 32, 32)
-    eta = float(((getattr(prior, "card", None) or {}).get("sampling") or {}).get("eta", 0.0))
+    sampling = dict((getattr(prior, "card", None) or {}).get("sampling") or {})
     res = sample_fiber(prior, dummy, ref, n=n, method="unguided", steps=steps, seed=seed, progress=False,
-                       batch_size=128, eta=eta)
+                       batch_size=128, **sampling)
     pred = oracle.predict(res.images)
     data = oracle.predict(render(sample_factors(n, seed + 7)))
     out: dict[str, Any] = {"valid": float(pred["valid"].mean())}
@@ -193,8 +194,8 @@ def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int 
     out["tv_noise_max"] = max(noise)
     out["seconds_per_sample"] = res.config["seconds_per_sample"]
     out["eval"] = {"n": n, "steps": steps, "seed": seed,
-                   "sampler": "unguided, eta=0 (DDIM / Euler)" if eta == 0 else
-                   f"unguided, eta={eta:g} (the card's sampling.eta; 1 = DDPM ancestral)"}
+                   "sampler": "unguided, " + (", ".join(f"{k}={v}" for k, v in sampling.items())
+                                              + " (the card's sampling)" if sampling else "eta=0 (DDIM / Euler)")}
     return out
 
 
