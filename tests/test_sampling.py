@@ -467,3 +467,47 @@ def test_ndtm_fiber_tol_stops_pushing_samples_on_the_fiber(gaussian_problem):
     err = {k: float(_fiber_error(r.latents.flatten(1), A, x_ref).median()) for k, r in
            (("off", off), ("full", full), ("tol", tol))}
     assert err["full"] < err["tol"] < 0.5 * err["off"]  # guided, but it stops pushing near the tolerance
+
+
+# --------------------------------------------------------------------------- the prior's own sampler knobs
+
+def test_shifted_grid_of_a_diffusion_prior_matches_the_flow_grid_noise_levels():
+    """grid_shift times sit at the noise levels (alpha / sigma) of a shifted rectified-flow grid."""
+    prior = fb.load_prior("toy/prior-ddpm")
+    s = prior.schedule(20, shift=3.0)
+    u = torch.linspace(1, 0, 21, dtype=torch.float64)[:-1]
+    sig = 3 * u / (1 + 2 * u)
+    err = (s.alphas[1:-1].double() / s.sigmas[1:-1].double()).log() - ((1 - sig[1:]) / sig[1:]).log()
+    assert float(err.abs().max()) < 0.05  # measured 0.023: the nearest of the 1000 training steps
+    assert float(s.times[0]) == 999 and float(s.times[-1]) == -1 and bool((s.times.diff() < 0).all())
+    # the trailing grid has 2 steps above tau 925 (where the toy world's background is decided), this one 6
+    assert int((s.taus > 925).sum()) == 6 and int((prior.schedule(20).taus > 925).sum()) == 2
+    with pytest.raises(ConfigError, match="flow prior's grid"):
+        fb.load_prior("toy/prior-fm").schedule(20, shift=3.0)
+    with pytest.raises(ConfigError, match="t_start"):
+        prior.schedule(20, t_start=500, shift=3.0)
+    with pytest.raises(ConfigError, match="shift must be"):
+        prior.schedule(20, shift=-1.0)
+
+
+def test_unguided_knobs_deterministic_band_and_unclamped_band(shape_resnet):
+    prior = fb.load_prior("toy/prior-ddpm")
+    ref = torch.zeros(3, 32, 32)
+    kw = dict(n=2, method="unguided", steps=4, seed=3, progress=False)
+    eta0 = sample_fiber(prior, shape_resnet, ref, eta=0.0, **kw).images
+    eta1 = sample_fiber(prior, shape_resnet, ref, eta=1.0, **kw).images
+    all_det = sample_fiber(prior, shape_resnet, ref, eta=1.0, deterministic_above_tau=0.0, **kw).images
+    none_det = sample_fiber(prior, shape_resnet, ref, eta=1.0, deterministic_above_tau=1000.0, **kw).images
+    assert torch.equal(all_det, eta0) and torch.equal(none_det, eta1) and (eta0 - eta1).abs().max() > 0.1
+
+    def first_x0(**extra):
+        seen = []
+        sample_fiber(prior, shape_resnet, ref, callback=lambda info: seen.append(info["denoised"]), **kw, **extra)
+        return seen[0]
+    # at t 999 the epsilon model's raw x0 estimate (x - sigma eps) / alpha is far outside [-1, 1]
+    assert float(first_x0().abs().max()) <= 1.0
+    assert float(first_x0(unclamped_tau=(0.0, 1000.0)).abs().max()) > 2.0
+    with pytest.raises(ConfigError, match="unclamped_tau must be a pair"):
+        sample_fiber(prior, shape_resnet, ref, unclamped_tau=(900, 100), **kw)
+    with pytest.raises(ConfigError, match="SDEdit"):
+        sample_fiber(prior, shape_resnet, ref, grid_shift=3.0, init=("sdedit", 500), **kw)

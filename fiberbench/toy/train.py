@@ -97,6 +97,17 @@ def ddpm_loss(pred: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, snr_wei
     return loss
 
 
+# The DDPM prior's own sampler (the unguided sampler's hyper-parameters; docs/performance.md, fifth stop):
+# - eta 1 (ancestral) below tau 925: at 20 steps deterministic DDIM of this epsilon model smears the layout
+#   (valid 0.53 on 256 samples, shift-3 grid, eta 0 throughout);
+# - deterministic (eta 0) above tau 925 on the shift-3 grid: the background (a global 3-way choice) is decided
+#   at tau ~925-995, which the trailing grid's first step (t 999 -> 949) jumps across (gray 0.6 of samples);
+# - x0 not clamped in tau 250-995: there this network's x0 estimate has a per-pixel error (residual sd 0.30 at
+#   tau 950, 0.16 for prior-fm) that clamping to [-1, 1] turns into a pull of black and white toward gray.
+# 2048 samples: background TV 0.029 (0.25 with the trailing grid and eta 1 throughout).
+DDPM_SAMPLING = {"eta": 1.0, "deterministic_above_tau": 925.0, "grid_shift": 3.0, "unclamped_tau": [250.0, 995.0]}
+
+
 def prior_card(kind: str) -> dict[str, Any]:
     """A fresh card for ``prior-fm`` (flow matching) or ``prior-ddpm`` (DDPM, eps-prediction)."""
     base = {
@@ -121,10 +132,7 @@ def prior_card(kind: str) -> dict[str, Any]:
                                           "prediction_type": "epsilon", "clip_sample": True,
                                           "clip_sample_range": 1.0}},
                     prediction_type="epsilon",
-                    # DDPM's own (ancestral) sampler: at 20 steps deterministic DDIM (eta 0) of this
-                    # epsilon model smears the layout (1k steps after init from prior-fm, 256 samples:
-                    # valid 0.37, x/y TV 0.27 with eta 0; valid 0.78, x/y TV 0.08 with eta 1)
-                    sampling={"eta": 1.0})
+                    sampling=DDPM_SAMPLING)
     else:
         raise ValueError(f"unknown prior kind {kind!r}; use 'fm' or 'ddpm'")
     return base
