@@ -72,7 +72,7 @@ DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
 # The prior's own sampler. deterministic_above_tau: steps from tau above it use eta 0 (DDIM / Euler), the rest
 # ``eta``; grid_shift > 0 (diffusion priors): the times of a shifted rectified-flow grid (Prior.schedule), 0 = the
-# prior's own; unclamped_tau (lo, hi): x0_hat is not clamped to the data range for lo < tau < hi. The DDPM toy
+# prior's own; unclamped_tau (lo, hi): x0_hat is not clamped to the data range for lo < tau <= hi. The DDPM toy
 # prior's card sets all four (its sampling section; see docs/performance.md for why each is there).
 UNGUIDED_DEFAULTS = dict(eta=0.0, deterministic_above_tau=1000.0, grid_shift=0.0, unclamped_tau=(0.0, 0.0))
 DEFAULTS = {"ndtm": NDTM_DEFAULTS, "dps": DPS_DEFAULTS, "metamer": METAMER_DEFAULTS, "unguided": UNGUIDED_DEFAULTS}
@@ -389,7 +389,7 @@ def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None
     ``deterministic_above_tau``: steps starting above this tau are deterministic (eta 0).
     ``grid_shift`` > 0: the shifted grid of :meth:`~fiberbench.priors.Prior.schedule` with ``len(sched)``
     steps replaces ``sched`` (a run from pure noise: its first time is the same).
-    ``unclamped_tau = (lo, hi)``: no clamp of x0_hat to the data range for lo < tau < hi.
+    ``unclamped_tau = (lo, hi)``: no clamp of x0_hat to the data range for lo < tau <= hi.
     """
     if grid_shift:
         sched = problem.prior.schedule(len(sched), shift=grid_shift)
@@ -399,7 +399,7 @@ def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None
         tau = float(sched.taus[i])
         e = 0.0 if tau > deterministic_above_tau else eta
         with torch.no_grad():
-            x0, eps = problem.denoise(x, t, clamp=not lo < tau < hi)
+            x0, eps = problem.denoise(x, t, clamp=not lo < tau <= hi)
             x = problem.prior.step(x, x0, eps, t, s, e, problem.noise.draw() if e > 0 else None)
         problem.record(i, None, x0)
         _report(callback, i, t, x, x0, problem)
