@@ -388,12 +388,10 @@ def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None
     """Plain sampling from the prior (DDIM with ``eta``; the Euler step for flows).
 
     ``deterministic_above_tau``: steps starting above this tau are deterministic (eta 0).
-    ``grid_shift`` > 0: the shifted grid of :meth:`~fiberbench.priors.Prior.schedule` with ``len(sched)``
-    steps replaces ``sched`` (a run from pure noise: its first time is the same).
+    ``grid_shift`` > 0: ``sched`` is the shifted grid of :meth:`~fiberbench.priors.Prior.schedule`
+    (:func:`sample_fiber` builds it so; the argument is here only to be recorded with the others).
     ``unclamped_tau = (lo, hi)``: no clamp of x0_hat to the data range for lo < tau <= hi.
     """
-    if grid_shift:
-        sched = problem.prior.schedule(len(sched), shift=grid_shift)
     lo, hi = unclamped_tau
     for i in _progress(len(sched), disable):
         t, s = sched.times[i], sched.times[i + 1]
@@ -975,7 +973,7 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             sched = prior.schedule(steps, t_start=prior.time_at_tau(t_star))
             x = prior.add_noise(problem.ref_latent[problem.ref_rows], sched.times[0], noise.draw())
         else:
-            sched = prior.schedule(steps)
+            sched = prior.schedule(steps, shift=hp.get("grid_shift") or None)  # grid_shift: unguided only
             x = noise.draw() * sched.sigmas[0]  # alpha ~ 0 at the top time: pure noise
 
         def cb(info):

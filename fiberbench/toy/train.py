@@ -132,7 +132,7 @@ def prior_card(kind: str) -> dict[str, Any]:
                                           "prediction_type": "epsilon", "clip_sample": True,
                                           "clip_sample_range": 1.0}},
                     prediction_type="epsilon",
-                    sampling=DDPM_SAMPLING)
+                    sampling=dict(DDPM_SAMPLING))
     else:
         raise ValueError(f"unknown prior kind {kind!r}; use 'fm' or 'ddpm'")
     return base
