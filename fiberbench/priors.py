@@ -123,12 +123,13 @@ class Prior(nn.Module):
     clamp_range: tuple[float, float] | None = (-1.0, 1.0)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor | float,
-                clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                clamp: bool | float = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One model call: ``(x0_hat, eps_hat)``, both shaped like ``x_t``.
 
-        x0_hat is clamped to the data range (pixel priors; ``clamp=False`` skips it) and
-        eps_hat is re-derived from the clamped x0_hat so that (x0_hat, eps_hat) are
-        consistent with x_t (as diffusers' DDIM does with clipping).
+        x0_hat is clamped to the data range (pixel priors; ``clamp=False`` skips it; a number
+        ``k >= 1`` clamps to the data range widened ``k`` times about its centre, [-k, k] for
+        [-1, 1]) and eps_hat is re-derived from the clamped x0_hat so that (x0_hat, eps_hat)
+        are consistent with x_t (as diffusers' DDIM does with clipping).
         """
         t = torch.as_tensor(t, dtype=torch.float32)
         a, s = self.alpha_sigma(t)
@@ -144,8 +145,11 @@ class Prior(nn.Module):
             x0 = x_t - s * out
         else:  # pragma: no cover - checked at construction
             raise ConfigError(f"unknown prediction type {p!r}")
-        if clamp and self.clamp_range is not None:
-            x0 = x0.clamp(*self.clamp_range)
+        if clamp is not False and self.clamp_range is not None:
+            lo, hi = self.clamp_range
+            k = 1.0 if clamp is True else float(clamp)
+            mid, half = (lo + hi) / 2, (hi - lo) / 2
+            x0 = x0.clamp(mid - k * half, mid + k * half)
         eps = (x_t - a * x0) / s
         return x0, eps
 

@@ -72,9 +72,11 @@ DPS_DEFAULTS = dict(scale=1.0, gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.
 METAMER_DEFAULTS = dict(iters=200, lr=0.02)
 # The prior's own sampler. deterministic_above_tau: steps from tau above it use eta 0 (DDIM / Euler), the rest
 # ``eta``; grid_shift > 0 (diffusion priors): the times of a shifted rectified-flow grid (Prior.schedule), 0 = the
-# prior's own; unclamped_tau (lo, hi): x0_hat is not clamped to the data range for lo < tau <= hi. The DDPM toy
-# prior's card sets all four (its sampling section; see docs/performance.md for why each is there).
-UNGUIDED_DEFAULTS = dict(eta=0.0, deterministic_above_tau=1000.0, grid_shift=0.0, unclamped_tau=(0.0, 0.0))
+# prior's own; unclamped_tau (lo, hi): x0_hat is not clamped to the data range for lo < tau <= hi, except to
+# unclamped_limit times the data range when that is >= 1 (0 = no clamp there at all). The DDPM toy prior's card
+# sets all five (its sampling section; see docs/performance.md for why each is there).
+UNGUIDED_DEFAULTS = dict(eta=0.0, deterministic_above_tau=1000.0, grid_shift=0.0, unclamped_tau=(0.0, 0.0),
+                         unclamped_limit=0.0)
 DEFAULTS = {"ndtm": NDTM_DEFAULTS, "dps": DPS_DEFAULTS, "metamer": METAMER_DEFAULTS, "unguided": UNGUIDED_DEFAULTS}
 
 # What every hyper-parameter of DEFAULTS accepts; resolve_hyperparameters checks each value against its rule
@@ -103,6 +105,7 @@ HP_RULES: dict[str, dict[str, Any]] = {
     "deterministic_above_tau": dict(kind="real", lo=0.0, hi=1000.0),
     "grid_shift": dict(kind="real", lo=0.0),
     "unclamped_tau": dict(kind="tau_band"),
+    "unclamped_limit": dict(kind="real", lo=0.0),  # 0 or >= 1, checked in sample_fiber
 }
 
 # A sample whose fiber loss or gradient (or, for NDTM/DPS, next state) is non-finite goes back to its last
@@ -248,11 +251,11 @@ class FiberProblem:
         dev = self.target.device.type
         return torch.autocast(dev, dtype=self.autocast, enabled=self.autocast is not None)
 
-    def denoise(self, x_t: torch.Tensor, t, clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoise(self, x_t: torch.Tensor, t, clamp: bool | float = True) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls["denoiser"] += 1
         with self._amp():
-            # clamp is passed only when off: a prior (or test double) whose denoise predates it still works
-            x0, eps = self.prior.denoise(x_t, t) if clamp else self.prior.denoise(x_t, t, clamp=False)
+            # clamp is passed only when not the default: a prior (or test double) whose denoise predates it works
+            x0, eps = self.prior.denoise(x_t, t) if clamp is True else self.prior.denoise(x_t, t, clamp=clamp)
         return x0.float(), eps.float()
 
     def features(self, x0: torch.Tensor) -> torch.Tensor:
@@ -384,21 +387,23 @@ def _progress(total: int, disable: bool | None):
 
 def sample_unguided(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None,
                     eta: float = 0.0, deterministic_above_tau: float = 1000.0, grid_shift: float = 0.0,
-                    unclamped_tau: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+                    unclamped_tau: tuple[float, float] = (0.0, 0.0), unclamped_limit: float = 0.0) -> torch.Tensor:
     """Plain sampling from the prior (DDIM with ``eta``; the Euler step for flows).
 
     ``deterministic_above_tau``: steps starting above this tau are deterministic (eta 0).
     ``grid_shift`` > 0: ``sched`` is the shifted grid of :meth:`~fiberbench.priors.Prior.schedule`
     (:func:`sample_fiber` builds it so; the argument is here only to be recorded with the others).
-    ``unclamped_tau = (lo, hi)``: no clamp of x0_hat to the data range for lo < tau <= hi.
+    ``unclamped_tau = (lo, hi)``: no clamp of x0_hat to the data range for lo < tau <= hi;
+    ``unclamped_limit`` >= 1 still clamps it there, to that multiple of the data range (0: not at all).
     """
     lo, hi = unclamped_tau
+    band_clamp = unclamped_limit if unclamped_limit else False
     for i in _progress(len(sched), disable):
         t, s = sched.times[i], sched.times[i + 1]
         tau = float(sched.taus[i])
         e = 0.0 if tau > deterministic_above_tau else eta
         with torch.no_grad():
-            x0, eps = problem.denoise(x, t, clamp=not lo < tau <= hi)
+            x0, eps = problem.denoise(x, t, clamp=band_clamp if lo < tau <= hi else True)
             x = problem.prior.step(x, x0, eps, t, s, e, problem.noise.draw() if e > 0 else None)
         problem.record(i, None, x0)
         _report(callback, i, t, x, x0, problem)
@@ -894,6 +899,9 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             raise ConfigError("grid_shift gives a grid from pure noise; it cannot start from an SDEdit init")
     elif init != "noise":
         raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star), got {init!r}")
+    if 0 < hp.get("unclamped_limit", 0) < 1:
+        raise ConfigError(f"unclamped_limit must be 0 (no clamp in unclamped_tau) or >= 1 (a multiple of the data "
+                          f"range), got {hp['unclamped_limit']!r}; below 1 it would clamp tighter than the data")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
         raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):

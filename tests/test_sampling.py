@@ -507,7 +507,27 @@ def test_unguided_knobs_deterministic_band_and_unclamped_band(shape_resnet):
     # at t 999 the epsilon model's raw x0 estimate (x - sigma eps) / alpha is far outside [-1, 1]
     assert float(first_x0().abs().max()) <= 1.0
     assert float(first_x0(unclamped_tau=(0.0, 1000.0)).abs().max()) > 2.0
+    # unclamped_limit: clamped to [-2, 2] instead, and the values past 1 are kept
+    limited = first_x0(unclamped_tau=(0.0, 1000.0), unclamped_limit=2.0)
+    assert float(limited.abs().max()) == 2.0 and float((limited.abs() > 1.0).float().mean()) > 0.1
     with pytest.raises(ConfigError, match="unclamped_tau must be a pair"):
         sample_fiber(prior, shape_resnet, ref, unclamped_tau=(900, 100), **kw)
+    with pytest.raises(ConfigError, match="unclamped_limit must be 0 .* or >= 1"):
+        sample_fiber(prior, shape_resnet, ref, unclamped_tau=(250, 995), unclamped_limit=0.5, **kw)
+    with pytest.raises(ConfigError, match="unclamped_limit must be a finite number >= 0"):
+        sample_fiber(prior, shape_resnet, ref, unclamped_limit=-1.0, **kw)
     with pytest.raises(ConfigError, match="SDEdit"):
         sample_fiber(prior, shape_resnet, ref, grid_shift=3.0, init=("sdedit", 500), **kw)
+
+
+def test_widened_clamp_keeps_x0_and_eps_consistent():
+    """denoise(clamp=k) clamps x0_hat to k times the data range and re-derives eps: x_t = alpha x0 + sigma eps."""
+    prior = fb.load_prior("toy/prior-ddpm")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, s = prior.alpha_sigma(torch.tensor(980.0))
+    for clamp, bound in ((True, 1.0), (1.5, 1.5), (2.0, 2.0)):
+        x0, eps = prior.denoise(x, 980.0, clamp=clamp)
+        assert abs(float(x0.abs().max()) - bound) < 1e-6  # the raw estimate reaches past 2 here
+        assert float((a * x0 + s * eps - x).abs().max()) < 1e-4
+    raw, _ = prior.denoise(x, 980.0, clamp=False)
+    assert float(raw.abs().max()) > 2.0
