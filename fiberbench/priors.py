@@ -148,6 +148,8 @@ class Prior(nn.Module):
         if clamp is not False and self.clamp_range is not None:
             lo, hi = self.clamp_range
             k = 1.0 if clamp is True else float(clamp)
+            if not k >= 1:  # also NaN
+                raise ConfigError(f"clamp must be True, False or a widening factor >= 1, got {clamp!r}")
             mid, half = (lo + hi) / 2, (hi - lo) / 2
             x0 = x0.clamp(mid - k * half, mid + k * half)
         eps = (x_t - a * x0) / s

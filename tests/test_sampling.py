@@ -531,3 +531,5 @@ def test_widened_clamp_keeps_x0_and_eps_consistent():
         assert float((a * x0 + s * eps - x).abs().max()) < 1e-4
     raw, _ = prior.denoise(x, 980.0, clamp=False)
     assert float(raw.abs().max()) > 2.0
+    with pytest.raises(ConfigError, match="widening factor >= 1, got 0.5"):
+        prior.denoise(x, 980.0, clamp=0.5)
