@@ -9,8 +9,9 @@ rectified flow: ``alpha_t = 1 - sigma_t``), and offers
 
 - ``schedule(steps)``: the model times of a sampling run (from the diffusers
   scheduler, so the noise schedule is the library's own), ending at the data;
-- ``denoise(x_t, t)``: one model call -> ``(x0_hat, eps_hat)``; x0_hat is
-  clamped to the data range for pixel priors and eps_hat re-derived from it;
+- ``denoise(x_t, t, clamp=True)``: one model call -> ``(x0_hat, eps_hat)``; x0_hat is
+  clamped to the data range for pixel priors (``clamp=False``: not; ``k >= 1``: to k times
+  that range) and eps_hat re-derived from it;
 - ``step(x_t, x0_hat, eps_hat, t, s, eta, noise)``: the DDIM update from t to
   s (eta = 0: deterministic DDIM, which is exactly the Euler step for flows;
   eta = 1: the ancestral / DDPM posterior step);

@@ -254,8 +254,7 @@ class FiberProblem:
     def denoise(self, x_t: torch.Tensor, t, clamp: bool | float = True) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls["denoiser"] += 1
         with self._amp():
-            # clamp is passed only when not the default: a prior (or test double) whose denoise predates it works
-            x0, eps = self.prior.denoise(x_t, t) if clamp is True else self.prior.denoise(x_t, t, clamp=clamp)
+            x0, eps = self.prior.denoise(x_t, t, clamp=clamp)
         return x0.float(), eps.float()
 
     def features(self, x0: torch.Tensor) -> torch.Tensor:

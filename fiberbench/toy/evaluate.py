@@ -177,7 +177,8 @@ def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int 
 
     The prior samples with its card's ``sampling`` settings: the unguided sampler's hyper-parameters
     (none: deterministic DDIM / Euler on the prior's own grid; the DDPM prior's card sets the
-    ancestral sampler, eta 1, below tau 925 on a shift-3 grid, with x0 unclamped in tau 250-995).
+    ancestral sampler, eta 1, below tau 925 on a shift-3 grid, with x0 clamped to [-2, 2] instead of
+    [-1, 1] in tau 250-995).
     The data side is the oracle's judgement of ``n`` fresh renders, so both sides
     pass through the same judge. Mirror is compared on chiral shapes only.
     ``tv_noise_max`` is the same statistic between two independent sets of ``n``
