@@ -293,3 +293,35 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
                          teacher_above=500, bf16=False, log=lambda s: None)
     assert taught["training"]["runs"][-1] == {"lr": 2e-3, "bf16": False, "high_noise": 0.0, "snr_weight_max": None,
                                               "teacher": "prior-fm", "teacher_above": 500, "start_step": 3}
+
+
+@pytest.mark.parametrize("name", ["prior-fm", "prior-ddpm"])
+def test_prior_recipe_replays_the_runs_in_the_shipped_card(name):
+    """train-toy replays each prior's recorded runs: run ends = the card's resume points and final step,
+    learning rates = its lr_by_run, and the DDPM prior starts from the model its card names."""
+    from fiberbench.toy.train import PRIOR_RECIPES
+
+    card = M.read_card(name)
+    t = card["training"]
+    runs = PRIOR_RECIPES[name]
+    assert [r["until"] for r in runs] == list(t["resumed_at_steps"]) + [t["steps"]]
+    assert [r["lr"] for r in runs] == t["lr_by_run"]
+    assert runs[0].get("init_from") == (card.get("initialised_from") or {}).get("model")
+    assert all("init_from" not in r for r in runs[1:])
+
+
+def test_train_prior_recipe_quick_runs_the_sequence(tmp_path):
+    """A quick replay (2 steps per run) resumes at each run's end, and the DDPM prior starts from the flow
+    prior in the same folder; without it, the error names what to train first."""
+    from fiberbench.toy.train import PRIOR_RECIPES, train_prior_recipe
+
+    with pytest.raises(ConfigError, match="prior-ddpm starts from prior-fm, which is not in .*: train prior-fm first"):
+        train_prior_recipe("prior-ddpm", root=tmp_path, quick=True, log=lambda s: None)
+    fm = train_prior_recipe("prior-fm", root=tmp_path, quick=True, log=lambda s: None)
+    n = len(PRIOR_RECIPES["prior-fm"])
+    assert fm["training"]["steps"] == 2 * n
+    assert fm["training"]["resumed_at_steps"] == [2 * i for i in range(1, n)]
+    assert fm["training"]["lr_by_run"] == [r["lr"] for r in PRIOR_RECIPES["prior-fm"]]
+    ddpm = train_prior_recipe("prior-ddpm", root=tmp_path, quick=True, log=lambda s: None)
+    assert ddpm["initialised_from"] == {"model": "prior-fm", "steps": 2 * n, "seconds": fm["training"]["seconds"]}
+    assert ddpm["training"]["steps"] == 2 * len(PRIOR_RECIPES["prior-ddpm"])
