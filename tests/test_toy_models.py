@@ -204,37 +204,6 @@ def test_ddpm_loss_low_frequency_term():
     assert torch.isclose(ddpm_loss(const, eps, abar, snr_weight_max=10.0), torch.tensor((0.01 + 0.1) / 2))
 
 
-def test_teacher_eps_converts_the_flow_estimate_to_an_epsilon_target():
-    """teacher_eps maps x_t = alpha x0 + sigma eps onto the flow path (x_t / (alpha + sigma) at s = sigma /
-    (alpha + sigma)): a teacher whose velocity is exact there gives back eps itself; one whose x0 is off by
-    d gives eps - alpha d / sigma; rows below ``above`` keep eps untouched."""
-    from fiberbench.toy.train import teacher_eps
-
-    g = torch.Generator().manual_seed(3)
-    x0 = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
-    eps = torch.randn(6, 3, 8, 8, generator=g)
-    abar = torch.linspace(0.9999, 0.0001, 1000)
-    t = torch.tensor([10, 300, 500, 700, 900, 999])
-
-    class Exact(torch.nn.Module):  # v = (x_s - x0) / s: the flow velocity that recovers x0 + offset
-        def __init__(self, offset=0.0):
-            super().__init__()
-            self.offset = offset
-
-        def forward(self, xs, ts):
-            s = (ts / 1000).view(-1, 1, 1, 1)
-            return type("Out", (), {"sample": (xs - (x0[t >= 500] + self.offset)) / s})()
-
-    a, sg = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
-    xt = a * x0 + sg * eps
-    out = teacher_eps(Exact(), xt, t, abar, eps, 500)
-    assert (out - eps).abs().max() < 1e-3
-    off = teacher_eps(Exact(0.1), xt, t, abar, eps, 500)
-    expect = eps - (t >= 500).float().view(-1, 1, 1, 1) * a * 0.1 / sg
-    assert torch.allclose(off, expect, atol=1e-3)
-    assert torch.equal(off[:2], eps[:2])
-
-
 def test_train_prior_resume_gets_its_own_time_budget(tmp_path):
     """minutes is the budget of this run: a resumed run whose card already records more seconds still trains."""
     from fiberbench.toy.train import train_prior
@@ -283,16 +252,6 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
         train_prior("ddpm", max_steps=1, root=tmp_path, high_noise=1.5)
     with pytest.raises(ConfigError, match=r"lowfreq_weight must be >= 0, got -0.1"):
         train_prior("ddpm", max_steps=1, root=tmp_path, lowfreq_weight=-0.1)
-    with pytest.raises(ConfigError, match="DDPM prior only"):
-        train_prior("fm", max_steps=1, root=tmp_path, teacher="prior-ddpm")
-    with pytest.raises(ConfigError, match="teacher must be a flow toy prior .* 'prior-ddpm' is 'diffusion'"):
-        train_prior("ddpm", max_steps=1, root=tmp_path, resume=True, teacher="prior-ddpm")
-    # a flow teacher: its run is recorded, and the step trains against its targets
-    train_prior("fm", max_steps=1, batch=4, root=tmp_path, bf16=False, log=lambda s: None)
-    taught = train_prior("ddpm", max_steps=4, batch=16, root=tmp_path, resume=True, teacher="prior-fm",
-                         teacher_above=500, bf16=False, log=lambda s: None)
-    assert taught["training"]["runs"][-1] == {"lr": 2e-3, "bf16": False, "high_noise": 0.0, "snr_weight_max": None,
-                                              "teacher": "prior-fm", "teacher_above": 500, "start_step": 3}
 
 
 @pytest.mark.parametrize("name", ["prior-fm", "prior-ddpm"])

@@ -97,30 +97,6 @@ def ddpm_loss(pred: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, snr_wei
     return loss
 
 
-def teacher_eps(teacher_net: nn.Module, xt: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-                eps: torch.Tensor, above: int) -> torch.Tensor:
-    """The epsilon target of a DDPM sample taken from a rectified-flow teacher where ``t >= above``.
-
-    ``xt`` ``[B,C,H,W]`` = alpha x0 + sigma eps (alpha = sqrt(abar[t])); the same point on the flow path is
-    ``xt / (alpha + sigma)`` at flow time ``s = sigma / (alpha + sigma)`` (timestep ``1000 s``). The teacher's
-    x0 = x_s - s v gives ``eps* = (xt - alpha x0) / sigma``; rows with ``t < above`` keep ``eps``.
-    """
-    sel = t >= above
-    if not bool(sel.any()):
-        return eps
-    abar = alphas_cumprod.to(xt.device)[t[sel]].float().view(-1, 1, 1, 1)
-    a, sg = abar.sqrt(), (1 - abar).sqrt()
-    s = sg / (a + sg)
-    with torch.no_grad(), torch.autocast(xt.device.type, enabled=False):
-        x_sel = xt[sel].float()
-        xs = x_sel / (a + sg)
-        v = teacher_net(xs, s.view(-1) * 1000).sample.float()
-        x0 = xs - s * v
-        target = eps.clone()
-        target[sel] = (x_sel - a * x0) / sg
-    return target
-
-
 # The DDPM prior's own sampler (the unguided sampler's hyper-parameters; docs/performance.md, fifth stop):
 # - eta 1 (ancestral) below tau 925: at 20 steps deterministic DDIM of this epsilon model smears the layout
 #   (valid 0.53 on 256 samples, shift-3 grid, eta 0 throughout);
@@ -199,8 +175,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
                 lr: float = 2e-3, warmup: int = 200, ema_decay: float = 0.999, seed: int = 0,
                 save_every: int = 500, bf16: bool = True, root: Path | None = None, resume: bool = False,
                 init_from: str | None = None, high_noise: float = 0.0, snr_weight_max: float | None = None,
-                lowfreq_weight: float = 0.0, teacher: str | None = None, teacher_above: int = 500,
-                log: Callable[[str], None] = print) -> dict:
+                lowfreq_weight: float = 0.0, log: Callable[[str], None] = print) -> dict:
     """Train a toy prior; save EMA weights + card every ``save_every`` steps and at the end.
 
     ``bf16`` runs forward/backward under CPU bf16 autocast (fp32 master and
@@ -222,20 +197,14 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     the 8x8-pooled image (its low frequencies: the background level, the shape's place),
     weighted as an x0 loss, without the per-pixel x0 noise that 1/SNR weighting of the
     whole image amplifies. Its minimiser is the same posterior mean, so it changes the
-    emphasis, not the target. ``teacher`` (DDPM only; a flow toy prior, e.g. ``"prior-fm"``)
-    replaces the epsilon target of the samples with ``t >= teacher_above`` by the teacher's:
-    ``eps* = (x_t - alpha x0_teacher) / sigma`` with ``x0_teacher`` the flow network's estimate at the
-    same noise level (:func:`teacher_eps`). A single sample's epsilon is an x0 target with the whole
-    posterior variance (x0 rmse 0.29 at t 900); the teacher's is its mean, so a fine-tune with
-    ``snr_weight_max`` learns the high-noise x0 estimate from a clean signal. Each run's settings go to
-    the card's ``training.runs``.
+    emphasis, not the target. Each run's settings go to the card's ``training.runs``.
 
     Returns the card (training section filled; metrics are added by evaluation).
     """
     from diffusers import DDPMScheduler
 
-    if kind != "ddpm" and (high_noise or snr_weight_max or lowfreq_weight or teacher):
-        raise ConfigError("high_noise, snr_weight_max, lowfreq_weight and teacher apply to the DDPM prior only")
+    if kind != "ddpm" and (high_noise or snr_weight_max or lowfreq_weight):
+        raise ConfigError("high_noise, snr_weight_max and lowfreq_weight apply to the DDPM prior only")
     if not 0.0 <= high_noise <= 1.0:
         raise ConfigError(f"high_noise must be a fraction in [0, 1], got {high_noise!r}")
     if lowfreq_weight < 0:
@@ -256,15 +225,6 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     run_settings = {"lr": lr, "bf16": bf16, "high_noise": high_noise, "snr_weight_max": snr_weight_max}
     if lowfreq_weight:
         run_settings["lowfreq_weight"] = lowfreq_weight
-    teacher_net = None
-    if teacher is not None:
-        tcard = M.read_card(teacher, root)
-        if tcard.get("kind") != "flow":
-            raise ConfigError(f"teacher must be a flow toy prior (e.g. 'prior-fm'); {teacher!r} is {tcard.get('kind')!r}")
-        teacher_net = M.build_unet(tcard["architecture"]["config"])
-        M.load_weights(teacher, teacher_net, root)
-        teacher_net.eval().requires_grad_(False)
-        run_settings.update(teacher=teacher, teacher_above=int(teacher_above))
     runs = [run_settings]
     if init_from is not None:
         src = M.read_card(init_from, root)
@@ -330,8 +290,6 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
                     t[:n_high] = torch.randint(int(0.9 * T), T, (n_high,), generator=gen)
                 xt = ddpm.add_noise(x0, noise, t)
                 target = noise
-                if teacher_net is not None:
-                    target = teacher_eps(teacher_net, xt, t, ddpm.alphas_cumprod, noise, teacher_above)
                 pred = net(xt, t).sample
         if kind == "ddpm":
             loss = ddpm_loss(pred.float(), target, ddpm.alphas_cumprod[t], snr_weight_max, lowfreq_weight)
