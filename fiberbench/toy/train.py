@@ -115,6 +115,7 @@ DDPM_SAMPLING = {"eta": 1.0, "deterministic_above_tau": 925.0, "grid_shift": 3.0
 # How the shipped priors were trained: the runs recorded in their cards (``training.resumed_at_steps``,
 # ``lr_by_run``, ``steps``), each run resuming from the previous run's EMA weights with a fresh optimiser
 # (the runs were time-limited; here each ends at its recorded step). ``fiberbench train-toy`` replays them.
+# The cards record one warm-up length (the last run's); it is used for every run.
 PRIOR_RECIPES: dict[str, list[dict[str, Any]]] = {
     "prior-fm": [dict(until=500, lr=2e-3, warmup=100), dict(until=5706, lr=2e-3, warmup=100),
                  dict(until=9576, lr=2e-3, warmup=100), dict(until=12503, lr=1e-3, warmup=100)],
@@ -134,8 +135,8 @@ def train_prior_recipe(name: str, root: Path | None = None, quick: bool = False,
         source = run.get("init_from")
         if source and not M.weights_path(source, root).exists():
             raise ConfigError(f"{name} starts from {source}, which is not in {root or M.models_dir()}: train {source} first")
-        until = done + 2 if quick else run.pop("until")
-        run.pop("until", None)
+        until = done + 2 if quick else run["until"]
+        del run["until"]
         card = train_prior(kind, max_steps=until, resume=i > 0, root=root, log=log, **run)
         done = until
     return card
@@ -605,7 +606,7 @@ def train_all(only: list[str] | None = None, quick: bool = False, minutes: float
             train_encoder(name, steps=20 if quick else ENCODERS[name].get("steps", 600), root=root, log=log)
         elif name == "clip":
             train_clip(steps=20 if quick else 2500, root=root, log=log)
-        elif name in ("prior-fm", "prior-ddpm") and minutes:  # a time budget instead of the recipe
+        elif name in ("prior-fm", "prior-ddpm") and minutes and not quick:  # a time budget instead of the recipe
             train_prior("fm" if name == "prior-fm" else "ddpm", minutes=minutes, root=root, log=log)
         elif name in ("prior-fm", "prior-ddpm"):
             train_prior_recipe(name, root=root, quick=quick, log=log)
