@@ -281,6 +281,7 @@ def test_train_prior_recipe_quick_runs_the_sequence(tmp_path):
     assert fm["training"]["steps"] == 2 * n
     assert fm["training"]["resumed_at_steps"] == [2 * i for i in range(1, n)]
     assert fm["training"]["lr_by_run"] == [r["lr"] for r in PRIOR_RECIPES["prior-fm"]]
+    assert [r["warmup"] for r in fm["training"]["runs"]] == [r["warmup"] for r in PRIOR_RECIPES["prior-fm"]]
     ddpm = train_prior_recipe("prior-ddpm", root=tmp_path, quick=True, log=lambda s: None)
     assert ddpm["initialised_from"] == {"model": "prior-fm", "steps": 2 * n, "seconds": fm["training"]["seconds"]}
     assert ddpm["training"]["steps"] == 2 * len(PRIOR_RECIPES["prior-ddpm"])

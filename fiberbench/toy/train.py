@@ -115,7 +115,8 @@ DDPM_SAMPLING = {"eta": 1.0, "deterministic_above_tau": 925.0, "grid_shift": 3.0
 # How the shipped priors were trained: the runs recorded in their cards (``training.resumed_at_steps``,
 # ``lr_by_run``, ``steps``), each run resuming from the previous run's EMA weights with a fresh optimiser
 # (the runs were time-limited; here each ends at its recorded step). ``fiberbench train-toy`` replays them.
-# The cards record one warm-up length (the last run's); it is used for every run.
+# The shipped cards record one warm-up length (the last run's); it is used for every run. Cards written
+# from now on also keep each run's own warm-up in ``training.runs``.
 PRIOR_RECIPES: dict[str, list[dict[str, Any]]] = {
     "prior-fm": [dict(until=500, lr=2e-3, warmup=100), dict(until=5706, lr=2e-3, warmup=100),
                  dict(until=9576, lr=2e-3, warmup=100), dict(until=12503, lr=1e-3, warmup=100)],
@@ -223,7 +224,8 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     step, losses = 0, []
     resumed = []
     lr_by_run = [lr]
-    run_settings = {"lr": lr, "bf16": bf16, "high_noise": high_noise, "snr_weight_max": snr_weight_max}
+    run_settings = {"lr": lr, "warmup": warmup, "bf16": bf16, "high_noise": high_noise,
+                    "snr_weight_max": snr_weight_max}
     if lowfreq_weight:
         run_settings["lowfreq_weight"] = lowfreq_weight
     runs = [run_settings]
