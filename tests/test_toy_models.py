@@ -234,12 +234,12 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
         assert bool((t[:8] >= 900).all()) and t.shape == (16,)
     # the uniform half reaches below 900 somewhere in 2 x 8 draws (probability 1 - 0.1^16)
     assert bool((torch.cat([t[8:] for t in seen]) < 900).any())
-    assert card["training"]["runs"] == [{"lr": 2e-3, "bf16": False, "high_noise": 0.5, "snr_weight_max": 10.0,
-                                         "lowfreq_weight": 0.05}]
-    resumed = train_prior("ddpm", max_steps=3, batch=16, root=tmp_path, resume=True, lr=3e-4, bf16=False,
-                          log=lambda s: None)
-    assert resumed["training"]["runs"][1] == {"lr": 3e-4, "bf16": False, "high_noise": 0.0, "snr_weight_max": None,
-                                              "start_step": 2}
+    assert card["training"]["runs"] == [{"lr": 2e-3, "warmup": 200, "bf16": False, "high_noise": 0.5,
+                                         "snr_weight_max": 10.0, "lowfreq_weight": 0.05}]
+    resumed = train_prior("ddpm", max_steps=3, batch=16, root=tmp_path, resume=True, lr=3e-4, warmup=10,
+                          bf16=False, log=lambda s: None)
+    assert resumed["training"]["runs"][1] == {"lr": 3e-4, "warmup": 10, "bf16": False, "high_noise": 0.0,
+                                              "snr_weight_max": None, "start_step": 2}
     with pytest.raises(ConfigError, match="DDPM prior only"):
         train_prior("fm", max_steps=1, root=tmp_path, high_noise=0.5)
     with pytest.raises(ConfigError, match="DDPM prior only"):
