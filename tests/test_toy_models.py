@@ -234,6 +234,7 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
         assert bool((t[:8] >= 900).all()) and t.shape == (16,)
     # the uniform half reaches below 900 somewhere in 2 x 8 draws (probability 1 - 0.1^16)
     assert bool((torch.cat([t[8:] for t in seen]) < 900).any())
+    assert card["training"]["objective"].startswith("DDPM epsilon MSE, weighted by clip(1/SNR, 1, snr_weight_max)")
     assert card["training"]["runs"] == [{"lr": 2e-3, "warmup": 200, "bf16": False, "high_noise": 0.5,
                                          "snr_weight_max": 10.0, "lowfreq_weight": 0.05}]
     resumed = train_prior("ddpm", max_steps=3, batch=16, root=tmp_path, resume=True, lr=3e-4, warmup=10,
@@ -263,6 +264,7 @@ def test_prior_recipe_replays_the_runs_in_the_shipped_card(name):
     assert [r["lr"] for r in runs] == t["lr_by_run"]
     assert runs[0].get("init_from") == (card.get("initialised_from") or {}).get("model")
     assert all("init_from" not in r for r in runs[1:])
+    assert ("weighted by clip(1/SNR" in t["objective"]) == any(r.get("snr_weight_max") for r in runs)
     for recorded, run in zip(t.get("runs", []), runs):  # prior-ddpm's card keeps each run's settings
         assert recorded["warmup"] == run["warmup"] and recorded["snr_weight_max"] == run.get("snr_weight_max")
 

@@ -258,7 +258,9 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
 
     def save(final: bool):
         card["training"] = {
-            "objective": "flow matching (velocity MSE)" if kind == "fm" else "DDPM epsilon MSE",
+            "objective": "flow matching (velocity MSE)" if kind == "fm" else "DDPM epsilon MSE" + (
+                ", weighted by clip(1/SNR, 1, snr_weight_max) in the runs that set it (training.runs)"
+                if any(r.get("snr_weight_max") for r in runs) else ""),
             "batch": batch, "optimizer": "AdamW", "lr": lr, "warmup_steps": warmup, "grad_clip": 1.0,
             "ema_decay": ema_decay, "autocast": "bf16" if bf16 else None, "steps": step, "seed": seed,
             "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-200:])) if losses else None,
