@@ -9,18 +9,17 @@ Quick API::
     prior = fb.load_prior("toy/prior-fm")
     f = fb.load_extractor("toy/shape-resnet@logits")
     ref = fb.toy.render(fb.toy.sample_factors(1, seed=0))
-    result = fb.sample_fiber(prior, f, ref, n=8, preset="toy")
+    result = fb.sample_fiber(prior, f, ref, n=8)
     result.to_frame()
+
+The package is layered (see ``docs/design.md``): ``models`` and ``toy`` at the bottom, ``sampling`` on
+them, then ``analysis`` / ``baselines``, then ``bench`` / ``runs`` / ``training``, then ``ui`` and the CLI.
 """
-__version__ = "0.1.0"
+from . import baselines, io, toy  # baselines: registers the trained baseline's sampler (method='conditional')
+from .errors import ConfigError, InputError
+from .models import list_models, load_clip, load_extractor, load_prior, parse_spec
+from .sampling import METHODS, PRESETS, FiberResult, sample_fiber
+from .version import __version__
 
-from . import io, toy  # noqa: F401,E402
-from .errors import ConfigError, InputError  # noqa: F401,E402
-from .zoo import list_models, load_clip, load_extractor, load_prior, parse_spec  # noqa: F401,E402
-
-
-def __getattr__(name):  # lazy: keep `import fiberbench` light
-    if name in ("sample_fiber", "FiberResult", "PRESETS", "METHODS"):
-        from . import sampling
-        return getattr(sampling, name)
-    raise AttributeError(f"module 'fiberbench' has no attribute {name!r}")
+__all__ = ["ConfigError", "FiberResult", "baselines", "InputError", "METHODS", "PRESETS", "__version__", "io", "list_models",
+           "load_clip", "load_extractor", "load_prior", "parse_spec", "sample_fiber", "toy"]

@@ -1,4 +1,4 @@
-"""Command line: ``fiberbench list-models | train-toy | demo | bench``."""
+"""Command line: ``fiberbench list-models | train-toy | demo | bench | sweep`` (the only argparse entry point)."""
 from __future__ import annotations
 
 import argparse
@@ -6,10 +6,18 @@ import json
 import sys
 import time
 
+import torch
+
+from . import bench
+from .errors import FiberbenchError
+from .models import REAL_MODELS, list_models
+from .runs.sweep import benchmark as sweep_benchmark
+from .runs.sweep import format_benchmark, run_sweep
+from .training import train_all
+from .ui.demo import run_demo
+
 
 def _cmd_list(args) -> int:
-    from .zoo import REAL_MODELS, list_models
-
     for spec in list_models(args.pattern, kind=args.kind):
         print(spec)
     if args.real:
@@ -21,10 +29,6 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_train_toy(args) -> int:
-    import torch
-
-    from .toy import train_all
-
     if args.threads:
         torch.set_num_threads(args.threads)
     train_all(only=args.only, quick=args.quick, minutes=args.minutes)
@@ -32,16 +36,12 @@ def _cmd_train_toy(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
-
     path = run_demo(args.out, n=args.n, references=args.references, steps=args.steps, seed=args.seed)
     print(f"report: {path}")
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from . import bench
-
     t0 = time.time()
     if args.what == "quality":
         out = bench.bench_quality(quick=args.quick, seed=args.seed)
@@ -58,8 +58,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .sweep import run_sweep
-
     summary = run_sweep(args.config, args.out, backend=args.backend, address=args.address,
                         max_jobs=args.max_jobs)
     print(summary)
@@ -72,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("list-models", help="print every spec string the registry knows")
     q.add_argument("pattern", nargs="?", default="*", help="shell wildcard, e.g. 'toy/*'")
-    q.add_argument("--kind", choices=["extractor", "prior", "clip", "oracle"])
+    q.add_argument("--kind", choices=["extractor", "prior", "clip", "oracle", "conditional"])
     q.add_argument("--real", action="store_true", help="also list curated hub models")
     q.set_defaults(fn=_cmd_list)
 
@@ -109,14 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import FiberbenchError
-
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except FiberbenchError as e:
         print(f"fiberbench: error: {e}", file=sys.stderr)
         return 2
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """``python -m fiberbench.sweep bench [--jobs J] [--n N] [--steps S] [--json]``: sweep throughput."""
+    p = argparse.ArgumentParser(prog="python -m fiberbench.sweep")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bench", help="jobs per minute: local vs Ray on 1 and 2 workers (toy sweep)")
+    b.add_argument("--jobs", type=int, default=6)
+    b.add_argument("--n", type=int, default=8)
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    res = sweep_benchmark(jobs=args.jobs, n=args.n, steps=args.steps)
+    print(json.dumps(res, indent=2) if args.json else format_benchmark(res))
+    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ size) so memory stays bounded. A 1x1 image is a constant image at any size.
 """
 from __future__ import annotations
 
+import io
 import pickletools
 import warnings
 import zipfile
@@ -47,6 +48,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import load_file
 
 from .errors import ConfigError, InputError
 
@@ -78,8 +81,6 @@ def pickle_globals(path: str | Path, max_pickles: int = 8) -> list[str]:
     Works for plain pickles, legacy torch checkpoints (several pickles in a row) and zip checkpoints
     (``data.pkl``); best effort: returns what it found before the stream ended or became unreadable.
     """
-    import io
-
     data = _pickle_bytes(Path(path))
     if not data:
         return []
@@ -151,8 +152,6 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         raise InputError(f"checkpoint {path} is a folder, not a weights file")
     if path.suffix == ".safetensors" or _is_safetensors(path):
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - SafetensorError and friends
@@ -203,8 +202,6 @@ def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     unreadable, truncated, empty, non-finite or ambiguous images and decompression bombs;
     ``ConfigError`` for a bad ``size``.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     _check_size(size)
     path = Path(path)
     if not path.exists():
@@ -243,8 +240,6 @@ def _resize(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def pil_to_tensor(img, size: int | None = None, name: str = "image") -> torch.Tensor:
     """A PIL image -> ``[3,H,W]`` float32 in [0,1] (conversions as in :func:`load_image`)."""
-    from PIL import Image
-
     _check_size(size)
     if img.width < 1 or img.height < 1:
         raise InputError(f"{name} is empty ({img.width}x{img.height})")
@@ -281,8 +276,6 @@ def pil_to_tensor(img, size: int | None = None, name: str = "image") -> torch.Te
 
 def _to_tensor(images: Any, name: str) -> torch.Tensor:
     """numpy arrays, PIL images, paths and lists of them -> a tensor (no value conversion yet)."""
-    from PIL import Image
-
     if isinstance(images, (str, Path)):
         return load_image(images)
     if isinstance(images, Image.Image):

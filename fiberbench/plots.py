@@ -28,10 +28,22 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+import matplotlib.patches as mp
 import numpy as np
 import pandas as pd
+import plotly.colors as pc
+import plotly.graph_objects as go
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from plotly.subplots import make_subplots
 
 from .errors import ConfigError, InputError
+
+try:  # static export: kaleido drives a Chromium; without either, figures fall back to matplotlib (Agg)
+    import kaleido
+except ImportError:  # pragma: no cover - a declared dependency, absent only in a trimmed environment
+    kaleido = None
 
 FORMATS = ("png", "svg", "pdf")
 CSS_DPI = 96.0
@@ -42,19 +54,11 @@ _MPL_CMAPS = {"viridis": "viridis", "blues": "Blues", "reds": "Reds", "rdbu": "R
               "greys": "Greys", "magma": "magma", "cividis": "cividis", "ylorrd": "YlOrRd", "purples": "Purples"}
 
 
-def _go():
-    import plotly.graph_objects as go
-
-    return go
-
-
 # --------------------------------------------------------------------------- export
 
 def kaleido_available() -> str | None:
     """Why kaleido export cannot work here (a sentence), or ``None`` if it can be tried."""
-    try:
-        import kaleido  # noqa: F401
-    except ImportError:
+    if kaleido is None:
         return "kaleido is not installed"
     if os.environ.get("BROWSER_PATH"):
         return None if Path(os.environ["BROWSER_PATH"]).exists() else f"BROWSER_PATH={os.environ['BROWSER_PATH']} missing"
@@ -89,8 +93,6 @@ def _size(fig, width, height) -> tuple[int, int]:
 
 def _kaleido_bytes(fig, fmt: str, width: int, height: int, scale: float, timeout: float) -> bytes:
     """One figure through kaleido, with a hard wall-clock ``timeout`` (kaleido #134/#145: export can hang)."""
-    import kaleido
-
     opts = dict(format=fmt, width=width, height=height, scale=scale)
     if _batch["on"]:
         job = lambda: kaleido.calc_fig_sync(fig, opts=opts)  # noqa: E731
@@ -157,9 +159,6 @@ def save_figure(fig, path: str | os.PathLike, *, width: int | None = None, heigh
     mfig = to_matplotlib(fig, width=w, height=h, dpi=dpi)
     buf = io.BytesIO()
     mfig.savefig(buf, format=fmt, dpi=dpi)
-    import matplotlib.pyplot as plt
-
-    plt.close(mfig)
     data = buf.getvalue()
     _write_atomic(path, data)
     return dict(path=path, format=fmt, engine="matplotlib", bytes=len(data), seconds=time.perf_counter() - t0,
@@ -181,8 +180,6 @@ def export_figures(figures: Mapping[str, Any], out_dir: str | os.PathLike, *, fo
     started = False
     if engine in ("auto", "kaleido") and kaleido_available() is None:
         try:
-            import kaleido
-
             kaleido.start_sync_server(n=1, timeout=timeout, mathjax=False, silence_warnings=True)
             started = _batch["on"] = True
         except Exception:  # noqa: BLE001 - per-figure export below retries / falls back
@@ -195,14 +192,13 @@ def export_figures(figures: Mapping[str, Any], out_dir: str | os.PathLike, *, fo
                 rows.append({"name": name, **info, "path": str(info["path"])})
     finally:
         if started:
-            import kaleido
-
             _batch["on"] = False
             kaleido.stop_sync_server(silence_warnings=True)
     return pd.DataFrame(rows, columns=["name", "path", "format", "engine", "bytes", "seconds", "fallback_reason"])
 
 
-def _finish(fig, save_to, **kw):
+def finish(fig, save_to, **kw):
+    """Export ``fig`` to every path in ``save_to`` (see :func:`save_figure`) and return it."""
     for p in _paths(save_to):
         save_figure(fig, p, **kw)
     return fig
@@ -212,8 +208,6 @@ def _finish(fig, save_to, **kw):
 
 def image_to_png(image, scale: int = 1) -> bytes:
     """PNG bytes of one image ``[3,H,W]`` (tensor or array) in [0,1], nearest-upscaled by ``scale``."""
-    from PIL import Image
-
     arr = _to_hwc_uint8(image)
     im = Image.fromarray(arr)
     if scale > 1:
@@ -223,14 +217,16 @@ def image_to_png(image, scale: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def _to_hwc_uint8(image) -> np.ndarray:
-    try:
-        import torch
+def save_png(image, path: str | os.PathLike, scale: int = 4) -> Path:
+    """Write one image ``[3,H,W]`` in [0,1] as a PNG file (nearest-upscaled by ``scale``), atomically."""
+    path = Path(path)
+    _write_atomic(path, image_to_png(image, scale=scale))
+    return path
 
-        if isinstance(image, torch.Tensor):
-            image = image.detach().float().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
+
+def _to_hwc_uint8(image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().numpy()
     arr = np.asarray(image, dtype=np.float64)
     if arr.ndim != 3 or arr.shape[0] != 3:
         raise InputError(f"expected one image [3,H,W] in [0,1], got shape {arr.shape}")
@@ -251,9 +247,6 @@ def image_grid(images, captions: Sequence[str] | None = None, *, ncols: int = 8,
         tile: side of one cell in layout pixels.
         outline: N colours (or ``None``) framing individual cells (e.g. the reference).
     """
-    from plotly.subplots import make_subplots
-
-    go = _go()
     n = len(images)
     if n == 0:
         raise InputError("image_grid needs at least one image")
@@ -282,7 +275,7 @@ def image_grid(images, captions: Sequence[str] | None = None, *, ncols: int = 8,
     fig.update_layout(width=ncols * tile + 40, height=nrows * (tile + extra) + (60 if title else 30),
                       margin=dict(l=10, r=10, t=40 if title else 10, b=10 + extra), title=title,
                       template="plotly_white")
-    return _finish(fig, save_to, **save_kw)
+    return finish(fig, save_to, **save_kw)
 
 
 def fiber_grid(result, frame: pd.DataFrame | None = None, *, reference: int = 0, max_samples: int = 15,
@@ -310,8 +303,6 @@ def fiber_grid(result, frame: pd.DataFrame | None = None, *, reference: int = 0,
                 v = row[col]
                 parts.append(f"{_short(col)}={v:.3f}" if isinstance(v, (float, np.floating)) else f"{v}")
         caps.append("<br>".join(parts))
-    import torch
-
     return image_grid(torch.stack([torch.as_tensor(i) for i in imgs]), caps, ncols=ncols, title=title,
                       outline=["#d62728"] + [None] * len(sub), save_to=save_to, **save_kw)
 
@@ -326,7 +317,6 @@ def loss_curve(loss_history, *, title: str = "fiber loss per denoising step", ba
                save_to=None, **save_kw):
     """Mean fiber loss per step with a min-max band. ``loss_history``: ``[steps, M]`` (NaN where not computed)
     or a frame with columns ``step`` and ``loss`` (one row per step and sample)."""
-    go = _go()
     if isinstance(loss_history, pd.DataFrame):
         if not {"step", "loss"} <= set(loss_history.columns):
             raise InputError("loss frame needs columns 'step' and 'loss'")
@@ -348,10 +338,11 @@ def loss_curve(loss_history, *, title: str = "fiber loss per denoising step", ba
     fig.add_trace(go.Scatter(x=steps, y=mean, mode="lines+markers", name="mean", line=dict(color=PALETTE[0])))
     fig.update_layout(title=title, xaxis_title="denoising step", yaxis_title="fiber loss", template="plotly_white",
                       width=600, height=350)
-    return _finish(fig, save_to, **save_kw)
+    return finish(fig, save_to, **save_kw)
 
 
-def _require(frame: pd.DataFrame, cols: Iterable[str | None], what: str) -> None:
+def require_columns(frame: pd.DataFrame, cols: Iterable[str | None], what: str) -> None:
+    """``InputError`` naming the columns of ``cols`` that ``frame`` lacks (``None`` entries are skipped)."""
     if not isinstance(frame, pd.DataFrame):
         raise InputError(f"{what} takes a pandas DataFrame, got {type(frame).__name__}")
     missing = [c for c in cols if c is not None and c not in frame.columns]
@@ -364,10 +355,7 @@ def bars(frame: pd.DataFrame, x: str, y: str, *, color: str | None = None, facet
          y_range: tuple[float, float] | None = None, hover: Sequence[str] = (), save_to=None, **save_kw):
     """Grouped bars of ``y`` over categories ``x``, one colour per ``color`` value, one panel per ``facet``
     value, with asymmetric error bars from columns ``lo``/``hi`` (absolute interval bounds)."""
-    from plotly.subplots import make_subplots
-
-    go = _go()
-    _require(frame, [x, y, color, facet, lo, hi, *hover], "bars")
+    require_columns(frame, [x, y, color, facet, lo, hi, *hover], "bars")
     if frame.empty:
         raise InputError("bars: the frame is empty")
     facets = list(pd.unique(frame[facet])) if facet else [None]
@@ -395,7 +383,7 @@ def bars(frame: pd.DataFrame, x: str, y: str, *, color: str | None = None, facet
     fig.update_yaxes(title_text=y_title or y, row=1, col=1)
     if y_range is not None:
         fig.update_yaxes(range=list(y_range))
-    return _finish(fig, save_to, **save_kw)
+    return finish(fig, save_to, **save_kw)
 
 
 def change_rates(stats: pd.DataFrame, *, x: str = "class", y: str = "mean", color: str = "statistic",
@@ -426,10 +414,7 @@ def heatmap(frame: pd.DataFrame, row: str, col: str, value: str, *, facet: str |
             title: str | None = None, fmt: str = ".2f", save_to=None, **save_kw):
     """``row`` x ``col`` heatmap of ``value`` (mean over duplicates), values printed in the cells,
     one panel per ``facet`` value."""
-    from plotly.subplots import make_subplots
-
-    go = _go()
-    _require(frame, [row, col, value, facet], "heatmap")
+    require_columns(frame, [row, col, value, facet], "heatmap")
     if frame.empty:
         raise InputError("heatmap: the frame is empty")
     facets = list(pd.unique(frame[facet])) if facet else [None]
@@ -450,7 +435,7 @@ def heatmap(frame: pd.DataFrame, row: str, col: str, value: str, *, facet: str |
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=title, template="plotly_white",
                       width=max(420, 120 + len(facets) * (60 * len(cols_) + 40)), height=140 + 34 * len(rows_))
-    return _finish(fig, save_to, **save_kw)
+    return finish(fig, save_to, **save_kw)
 
 
 def change_heatmap(stats: pd.DataFrame, *, row: str = "class", col: str = "statistic", value: str = "mean",
@@ -468,8 +453,7 @@ def change_heatmap(stats: pd.DataFrame, *, row: str = "class", col: str = "stati
 def boxes(frame: pd.DataFrame, x: str, y: str, *, color: str | None = None, title: str | None = None,
           y_title: str | None = None, points: bool = True, save_to=None, **save_kw):
     """Box plots of ``y`` per category ``x`` (one box colour per ``color`` value), with the points."""
-    go = _go()
-    _require(frame, [x, y, color], "boxes")
+    require_columns(frame, [x, y, color], "boxes")
     if frame.empty:
         raise InputError("boxes: the frame is empty")
     groups = list(pd.unique(frame[color])) if color else [None]
@@ -481,7 +465,7 @@ def boxes(frame: pd.DataFrame, x: str, y: str, *, color: str | None = None, titl
                              jitter=0.3, pointpos=0))
     fig.update_layout(boxmode="group", title=title, yaxis_title=y_title or y, xaxis_title=x, template="plotly_white",
                       width=max(480, 120 + 40 * frame[x].nunique() * len(groups)), height=380)
-    return _finish(fig, save_to, **save_kw)
+    return finish(fig, save_to, **save_kw)
 
 
 def distances(frame: pd.DataFrame, *, x: str = "extractor", y: str = "feature_distance", color: str | None = "method",
@@ -513,12 +497,6 @@ def to_matplotlib(fig, *, width: int | None = None, height: int | None = None, d
     traces on any subplot layout (axes placed at their plotly domains), titles, axis titles and
     paper-referenced annotations (subplot titles). Returns a ``matplotlib.figure.Figure``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-    from PIL import Image
-
     w, h = _size(fig, width, height)
     mfig = Figure(figsize=(w / CSS_DPI, h / CSS_DPI), dpi=dpi)
     lay = fig.layout
@@ -637,8 +615,6 @@ def to_matplotlib(fig, *, width: int | None = None, height: int | None = None, d
         if shape.type == "rect" and shape.xref and shape.xref != "paper":
             key = (shape.xref.replace("x", "xaxis", 1), shape.yref.replace("y", "yaxis", 1))
             if key in axes:
-                import matplotlib.patches as mp
-
                 axes[key].add_patch(mp.Rectangle((shape.x0, shape.y0), shape.x1 - shape.x0, shape.y1 - shape.y0,
                                                  fill=False, ec=shape.line.color or "red", lw=2))
     for ann in lay.annotations or []:
@@ -664,8 +640,6 @@ def _heat_name(trace) -> str:
     if isinstance(cs, str):
         return cs
     try:
-        import plotly.colors as pc
-
         seq = [c for _, c in cs]
         for name in ("Viridis", "Blues", "Reds", "RdBu", "Greys", "Magma", "Cividis", "YlOrRd", "Purples"):
             ref = pc.get_colorscale(name)

@@ -4,7 +4,6 @@ Usage: python scripts/tune_toy_preset.py [--refs 16] [--n 4]
 Prints one line per setting: feature_match, validity, diversity, shape_kept, seconds/sample.
 """
 import argparse
-import itertools
 import json
 import time
 

@@ -57,7 +57,7 @@ def models_dir(request, tmp_path_factory):
     with, e.g. to check checksums, without touching data/models); ``FIBERBENCH_MODELS`` points at it."""
     import shutil
 
-    from fiberbench.toy import models as M
+    from fiberbench.toy import cards as M
 
     src = M.models_dir()
     dst = tmp_path_factory.mktemp("models")

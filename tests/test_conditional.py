@@ -1,4 +1,4 @@
-"""The trained baseline (fiberbench.conditional): the shipped model loads without pickle, its conditioning
+"""The trained baseline (fiberbench.baselines.conditional): the shipped model loads without pickle, its conditioning
 decides what it draws, it is reproducible per seed, and the invariance benchmark scores it honestly.
 
 Numbers asserted here were measured on the shipped model (seeds below, fresh: neither the training seeds
@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fiberbench import conditional as C
-from fiberbench import groundtruth as G
 from fiberbench import load_extractor
+from fiberbench.baselines import conditional as C
+from fiberbench.bench import invariance as G
 from fiberbench.errors import ConfigError
-from fiberbench.toy import models as M
+from fiberbench.toy import cards as M
+from fiberbench.training.conditional import train_conditional
 
 SEED = 81_000  # references and sample seeds of these tests
 
@@ -133,11 +134,13 @@ def test_training_starts_at_the_prior_and_writes_a_loadable_model(tmp_path):
         shutil.copy(M.models_dir() / f"prior-fm{suffix}", src / f"prior-fm{suffix}")
     kw = dict(init_weights=src / "prior-fm.safetensors", init_card=src / "prior-fm.json", batch=4, bf16=False,
               log=lambda s: None)
-    C.train_conditional(max_steps=0, root=tmp_path, **kw)
+    train_conditional(max_steps=0, root=tmp_path, **kw)
     model, card = C.load_conditional(root=tmp_path)
     from safetensors.torch import load_file
 
-    unet = M.build_unet(json.loads((src / "prior-fm.json").read_text())["architecture"]["config"])
+    from fiberbench.toy.nets import build_unet
+
+    unet = build_unet(json.loads((src / "prior-fm.json").read_text())["architecture"]["config"])
     unet.load_state_dict(load_file(str(src / "prior-fm.safetensors")))
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([900.0, 500.0, 50.0])
@@ -148,7 +151,7 @@ def test_training_starts_at_the_prior_and_writes_a_loadable_model(tmp_path):
     assert torch.equal(v, v0)
     assert card["training"]["steps"] == 0 and card["initialised_from"]["steps"] > 0
 
-    C.train_conditional(max_steps=2, root=tmp_path, ema_decay=0.0, **kw)
+    train_conditional(max_steps=2, root=tmp_path, ema_decay=0.0, **kw)
     model2, card2 = C.load_conditional(root=tmp_path)
     assert card2["training"]["steps"] == 2 and card2["training"]["finished"]
     assert card2["training"]["final_fiber_loss"] is None or np.isfinite(card2["training"]["final_fiber_loss"])

@@ -1,4 +1,4 @@
-"""Ground-truth invariance benchmark (fiberbench.groundtruth) and the partial-invariance toy encoder."""
+"""Ground-truth invariance benchmark (fiberbench.bench.invariance) and the partial-invariance toy encoder."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from fiberbench import groundtruth as G
+from fiberbench.bench import invariance as G
 from fiberbench.errors import ConfigError, InputError
-from fiberbench.extractors import Extractor
+from fiberbench.models import Extractor
 from fiberbench.semantics import expected_plugin_entropy
 from fiberbench.toy import FACTORS
-from fiberbench.toy import models as M
+from fiberbench.toy import cards as M
 
 torch.set_num_threads(1)
 
@@ -189,7 +189,7 @@ def test_simclr_encoder_is_partially_invariant():
 
 
 def test_nt_xent_known_value():
-    from fiberbench.toy.train import nt_xent
+    from fiberbench.training.classifiers import nt_xent
 
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])  # rows i and i+2 are views of one scene
     tau = 0.5
@@ -199,7 +199,7 @@ def test_nt_xent_known_value():
 
 def test_train_encoder_writes_a_loadable_encoder(tmp_path, monkeypatch):
     from fiberbench.toy.evaluate import eval_encoder
-    from fiberbench.toy.train import train_encoder
+    from fiberbench.training import train_encoder
 
     card = train_encoder("simclr-resnet", steps=2, batch=4, root=tmp_path, log=lambda s: None)
     assert card["kind"] == "encoder" and card["training"]["steps"] == 2 and card["parameters"] > 100_000
@@ -227,7 +227,7 @@ def test_invariance_figure_one_panel_per_method(tmp_path):
     ys = sorted(float(y) for tr in fig.data for y in tr.y)
     assert ys == [0.1, 0.5, 0.6, 0.9]
     assert {a.text for a in fig.layout.annotations} == {"method=ndtm", "method=dps"}
-    info = G._save_figure(fig, tmp_path, "inv")
+    info = G.save_report_figure(fig, tmp_path, "inv")
     assert (tmp_path / "inv.html").stat().st_size > 1000
     with pytest.raises(InputError):
         G.invariance_figure(pairs.drop(columns="estimated"))

@@ -595,7 +595,7 @@ def test_diffusers_hub_id_from_cache(pipes, tiny_extractor, tmp_path):
 
 
 def test_list_models_real_is_curated(capsys):
-    from fiberbench.zoo import REAL_MODELS
+    from fiberbench.models import REAL_MODELS
 
     specs = [m["spec"] for m in REAL_MODELS]
     assert len(specs) == len(set(specs))
@@ -603,8 +603,8 @@ def test_list_models_real_is_curated(capsys):
         assert set(m) >= {"spec", "kind", "for", "size"} and m["kind"] in ("extractor", "clip", "prior")
         s = fb.parse_spec(m["spec"])
         assert s.source in ("timm", "open_clip", "hf", "diffusers")
-    import timm
     import open_clip
+    import timm
 
     for m in REAL_MODELS:  # every timm / open_clip name exists in the installed library
         s = fb.parse_spec(m["spec"])

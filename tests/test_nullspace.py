@@ -1,7 +1,6 @@
 """SING: head decomposition, exact logit equality under null-space edits, IS/AS, translator, steering."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +9,20 @@ from torch import nn
 from fiberbench import toy
 from fiberbench.errors import ConfigError, InputError
 from fiberbench.nullspace import (
-    Translator, angle_deg, attribute_score, fit_translator, head_decomposition, image_score, load_translator,
-    factor_probe, pre_logit_features, sing_scores, sing_summary, steer, steering_benchmark, steering_summary,
+    Translator,
+    angle_deg,
+    attribute_score,
+    factor_probe,
+    fit_translator,
+    head_decomposition,
+    image_score,
+    load_translator,
+    pre_logit_features,
+    sing_scores,
+    sing_summary,
+    steer,
+    steering_benchmark,
+    steering_summary,
     steering_table,
 )
 
@@ -24,7 +35,7 @@ torch.set_num_threads(1)
 def tiny_resnet():
     import timm
 
-    from fiberbench.extractors import Extractor
+    from fiberbench.models import Extractor
 
     torch.manual_seed(1)
     m = timm.create_model("resnet18", pretrained=False, num_classes=4, layers=(1, 1, 1, 1), channels=(8, 16, 16, 24),
@@ -218,7 +229,7 @@ def test_sing_frames_on_tiny_models(tiny_resnet, tiny_clip):
 def test_steering_benchmark_over_two_models(tiny_resnet, tiny_clip):
     import timm
 
-    from fiberbench.extractors import Extractor
+    from fiberbench.models import Extractor
 
     torch.manual_seed(7)
     vit = Extractor(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=6, img_size=32,
@@ -236,7 +247,7 @@ def test_steering_benchmark_over_two_models(tiny_resnet, tiny_clip):
 # --------------------------------------------------------------------------- the toy world (shipped models)
 
 def _have(*names):
-    from fiberbench.toy import models as M
+    from fiberbench.toy import cards as M
 
     missing = [n for n in names if n not in M.available()]
     return pytest.mark.skipif(bool(missing), reason=f"toy model(s) {missing} not trained yet (data/models)")

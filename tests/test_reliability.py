@@ -12,12 +12,12 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 import fiberbench as fb
-from fiberbench.errors import ConfigError, FiberbenchError, InputError
+from fiberbench.errors import ConfigError, InputError
 from fiberbench.io import as_image_batch, load_image, load_state_dict, pickle_globals
 from fiberbench.sampling import DEFAULTS, METHODS, PRESETS, resolve_hyperparameters, sample_fiber
 
@@ -281,18 +281,14 @@ def test_property_load_image_gives_a_valid_image_or_an_input_error(data):
 
 def _no_loading(monkeypatch):
     """Make every model loader fail loudly: a ConfigError must come from validation, before any load."""
-    from fiberbench import zoo
+    from fiberbench.models import SOURCES
 
     def boom(*a, **k):
         raise AssertionError(f"a model was loaded: {a}")
 
-    for name in ("load_prior", "load_extractor", "load_clip"):
-        monkeypatch.setattr(zoo, name, boom)
-    import fiberbench.extractors as E
-    import fiberbench.priors as P
-
-    monkeypatch.setattr(P, "load_toy_prior", boom)
-    monkeypatch.setattr(E, "load_toy_extractor", boom)
+    for source in SOURCES.values():
+        for name in ("load_prior", "load_extractor", "load_clip"):
+            monkeypatch.setattr(source, name, boom)
 
 
 def test_bad_specs_and_hyperparameters_fail_before_any_model_is_loaded(monkeypatch):
@@ -785,7 +781,7 @@ def test_ctrl_c_in_a_notebook_call_keeps_finished_runs_and_writes_nothing_partia
     with pytest.raises(KeyboardInterrupt):
         cached_sample_fiber(store, prior_fm, shape_resnet, refs[1], callback=ctrl_c, **kw)
     # interrupted while writing the second of the run's files: the temp dir is removed, nothing is committed
-    from fiberbench import store as S
+    from fiberbench.runs import store as S
 
     orig, calls = S._fsync_write, {"n": 0}
 
@@ -812,7 +808,7 @@ def test_ctrl_c_in_a_notebook_call_keeps_finished_runs_and_writes_nothing_partia
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """A private copy of the toy models (stable weights while the shipped ones may still be retrained)."""
-    from fiberbench.toy import models as M
+    from fiberbench.toy import cards as M
 
     dst = tmp_path_factory.mktemp("models")
     for name in ("prior-fm", "shape-resnet"):
@@ -915,8 +911,8 @@ def test_malicious_checkpoint_through_a_torch_extractor_spec(tmp_path):
 def test_no_trust_remote_code_by_default(tmp_path):
     import inspect
 
-    from fiberbench.hub import load_hf_extractor
-    from fiberbench.priors import load_diffusers_prior
+    from fiberbench.models.sources.diffusers import load_diffusers_prior
+    from fiberbench.models.sources.hf import load_hf_extractor
 
     for fn in (load_hf_extractor, load_diffusers_prior):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False
@@ -947,12 +943,13 @@ def test_no_trust_remote_code_by_default(tmp_path):
 
 def test_html_report_escapes_user_strings(prior_fm, shape_resnet, tmp_path, monkeypatch):
     """The demo report with a hostile caption and spec: every user string is escaped in index.html."""
-    from fiberbench import demo, toy
+    from fiberbench import toy
+    from fiberbench.ui import demo
 
     script, img = "<script>alert(1)</script>", '<img src=x onerror="alert(2)">'
     monkeypatch.setattr(demo, "DEMO_EXTRACTORS", [f"toy/{script}@logits"])
-    monkeypatch.setattr(fb, "load_extractor", lambda spec, **k: shape_resnet)
-    monkeypatch.setattr(fb, "load_prior", lambda spec, **k: prior_fm)
+    monkeypatch.setattr(demo, "load_extractor", lambda spec, **k: shape_resnet)
+    monkeypatch.setattr(demo, "load_prior", lambda spec, **k: prior_fm)
     monkeypatch.setattr(toy, "caption", lambda df: [img] * len(df))
     page = demo.run_demo(tmp_path / "demo", n=1, references=1, steps=2, progress=False).read_text()
     assert "<script>" not in page and "<img src=x" not in page

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fiberbench as fb
-from fiberbench.analytic import GaussianPrior, LinearExtractor, conditional_moments
 from fiberbench.errors import ConfigError
+from fiberbench.models.analytic import GaussianPrior, LinearExtractor, conditional_moments
 from fiberbench.sampling import RowAdam, fiber_distance, gamma_at, sample_fiber
 
 SHAPE = (3, 4, 4)
@@ -126,7 +126,7 @@ def test_prior_step_equals_diffusers_schedulers():
     """Our DDIM step is diffusers' DDIMScheduler.step (eta 0 and 0.5) and FlowMatchEuler's Euler step."""
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    from fiberbench.priors import PixelPrior
+    from fiberbench.models.prior import PixelPrior
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=g)
@@ -181,7 +181,7 @@ def _save_pipeline(root, components: dict):
 
 
 def _make_prior_dir(tmp_path, kind):
-    from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     root = tmp_path / kind
     if kind == "pixel-eps":
@@ -197,7 +197,7 @@ def _latent_prior():
     """A latent prior built from components (hub-layout loading of latent pipelines: tests/test_hub.py)."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    from fiberbench.priors import LatentPrior
+    from fiberbench.models.prior import LatentPrior
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),

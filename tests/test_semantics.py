@@ -10,8 +10,15 @@ import torch
 from fiberbench import toy
 from fiberbench.errors import ConfigError, InputError
 from fiberbench.semantics import (
-    TOY_VOCAB, angle_deg, clip_labels, expected_plugin_entropy, label_distribution, make_vocab, score_fiber,
-    summarize_fiber, zero_shot,
+    TOY_VOCAB,
+    angle_deg,
+    clip_labels,
+    expected_plugin_entropy,
+    label_distribution,
+    make_vocab,
+    score_fiber,
+    summarize_fiber,
+    zero_shot,
 )
 
 torch.set_num_threads(1)
@@ -167,7 +174,7 @@ def test_clip_preprocessing_matches_open_clip_transforms(tiny_clip):
 # --------------------------------------------------------------------------- the toy world (shipped models)
 
 def _have(*names):
-    from fiberbench.toy import models as M
+    from fiberbench.toy import cards as M
 
     missing = [n for n in names if n not in M.available()]
     return pytest.mark.skipif(bool(missing), reason=f"toy model(s) {missing} not trained yet (data/models)")

@@ -7,17 +7,18 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import build_tiny_clip
 import torch
+from conftest import build_tiny_clip
+
+# notebook helpers of test_notebooks (tests/ is on sys.path under pytest); `kernel` is its module-scoped fixture
+from test_notebooks import FLOAT, kernel, mime_count, number, run_notebook  # noqa: F401
 
 import fiberbench as fb
 from fiberbench import shortcut as S
 from fiberbench.errors import ConfigError, InputError
-from fiberbench.toy import models as M
+from fiberbench.toy import cards as M
 from fiberbench.toy.evaluate import eval_shortcut, paired_values, pairing_factors
 from fiberbench.toy.world import FACTORS, sample_factors
-# notebook helpers of test_notebooks (tests/ is on sys.path under pytest); `kernel` is its module-scoped fixture
-from test_notebooks import FLOAT, kernel, mime_count, number, run_notebook  # noqa: F401
 
 torch.set_num_threads(1)
 FRESH = 4242

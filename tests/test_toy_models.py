@@ -1,17 +1,15 @@
 """The shipped toy models reach their bars on fresh seeds, their cards tell the truth, and the registry works."""
-import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import fiberbench as fb
 from fiberbench.errors import ConfigError
-from fiberbench.toy import models as M
-from fiberbench.toy.evaluate import (NOISY_LEVEL, eval_classifier, eval_clip, eval_oracle, eval_prior, measure,
-                                     residual_noise)
+from fiberbench.toy import cards as M
+from fiberbench.toy.evaluate import NOISY_LEVEL, eval_classifier, eval_oracle, residual_noise
+from fiberbench.training.evaluate import eval_clip, eval_prior, measure
 
 FRESH = 777  # evaluation seed of these tests: neither the training seeds (>= 10**6) nor the cards' (12345)
 
@@ -107,6 +105,7 @@ def test_prior_validity_quick(name, oracle):
 def test_prior_eval_samples_with_the_cards_sampler(oracle, monkeypatch):
     """eval_prior draws with the card's sampling section (the DDPM card's sampler), plain eta 0 without one."""
     import fiberbench.sampling as S
+    import fiberbench.training.evaluate as E
 
     seen, real = [], S.sample_fiber
 
@@ -114,7 +113,7 @@ def test_prior_eval_samples_with_the_cards_sampler(oracle, monkeypatch):
         seen.append({k: kw[k] for k in S.UNGUIDED_DEFAULTS if k in kw})
         return real(*args, **kw)
 
-    monkeypatch.setattr(S, "sample_fiber", spy)
+    monkeypatch.setattr(E, "sample_fiber", spy)
     prior = fb.load_prior("toy/prior-ddpm")
     card_sampling = M.read_card("prior-ddpm")["sampling"]
     assert card_sampling == {"eta": 1.0, "deterministic_above_tau": 925.0, "grid_shift": 3.0,
@@ -186,7 +185,7 @@ def test_list_models_cli():
 def test_ddpm_loss_low_frequency_term():
     """lowfreq_weight adds the 8x8-pooled error weighted as an x0 loss (1/SNR, capped): a constant error
     counts in full, an error that averages to zero in every 8x8 block not at all; the plain loss is MSE."""
-    from fiberbench.toy.train import LOWFREQ_SNR_CAP, ddpm_loss
+    from fiberbench.training.priors import LOWFREQ_SNR_CAP, ddpm_loss
 
     eps = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     abar = torch.tensor([0.5, 1e-4])  # 1/SNR = 1 and 9999 (capped)
@@ -202,7 +201,7 @@ def test_ddpm_loss_low_frequency_term():
 
 def test_train_prior_resume_gets_its_own_time_budget(tmp_path):
     """minutes is the budget of this run: a resumed run whose card already records more seconds still trains."""
-    from fiberbench.toy.train import train_prior
+    from fiberbench.training import train_prior
 
     train_prior("fm", max_steps=1, batch=4, root=tmp_path, bf16=False, log=lambda s: None)
     card = M.read_card("prior-fm", tmp_path)
@@ -217,7 +216,7 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
     settings are in the card; the flow prior and a fraction outside [0, 1] are refused."""
     from diffusers import UNet2DModel
 
-    from fiberbench.toy.train import train_prior
+    from fiberbench.training import train_prior
 
     seen = []
     forward = UNet2DModel.forward
@@ -255,7 +254,7 @@ def test_train_prior_high_noise_emphasis(tmp_path, monkeypatch):
 def test_prior_recipe_replays_the_runs_in_the_shipped_card(name):
     """train-toy replays each prior's recorded runs: run ends = the card's resume points and final step,
     learning rates = its lr_by_run, and the DDPM prior starts from the model its card names."""
-    from fiberbench.toy.train import PRIOR_RECIPES
+    from fiberbench.training import PRIOR_RECIPES
 
     card = M.read_card(name)
     t = card["training"]
@@ -272,7 +271,7 @@ def test_prior_recipe_replays_the_runs_in_the_shipped_card(name):
 def test_train_prior_recipe_quick_runs_the_sequence(tmp_path):
     """A quick replay (2 steps per run) resumes at each run's end, and the DDPM prior starts from the flow
     prior in the same folder; without it, the error names what to train first."""
-    from fiberbench.toy.train import PRIOR_RECIPES, train_prior_recipe
+    from fiberbench.training import PRIOR_RECIPES, train_prior_recipe
 
     with pytest.raises(ConfigError, match="prior-ddpm starts from prior-fm, which is not in .*: train prior-fm first"):
         train_prior_recipe("prior-ddpm", root=tmp_path, quick=True, log=lambda s: None)

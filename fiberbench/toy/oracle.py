@@ -8,48 +8,18 @@ top probability is at least 0.9 for both shape and colour.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import models as M
-from .world import CHIRAL, CONTINUOUS, DISCRETE, FACTORS, factor_index, render, sample_factors
-
-VALID_CONF = 0.9
-HEADS = {name: len(FACTORS[name]) for name in DISCRETE}
-
-
-class OracleNet(nn.Module):
-    """Conv trunk that keeps a 4x4 map (so position survives), then one head per factor.
-
-    Input ``[N,3,32,32]`` in [0,1]; output dict: discrete factor -> logits
-    ``[N,K]``, ``"regress"`` -> ``[N,3]`` (size, x, y in the factors' units).
-    """
-
-    def __init__(self, width: int = 32, hidden: int = 256):
-        super().__init__()
-        w = width
-
-        def block(cin, cout, stride):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
-
-        self.trunk = nn.Sequential(block(3, w, 1), block(w, 2 * w, 2), block(2 * w, 2 * w, 1),
-                                   block(2 * w, 4 * w, 2), block(4 * w, 4 * w, 2))
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, hidden), nn.SiLU())
-        self.heads = nn.ModuleDict({k: nn.Linear(hidden, n) for k, n in HEADS.items()})
-        self.regress = nn.Linear(hidden, len(CONTINUOUS))
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.fc(self.trunk((x - 0.5) / 0.5))
-        out = {k: head(h) for k, head in self.heads.items()}
-        out["regress"] = self.regress(h)
-        return out
+from ..errors import InputError
+from .cards import load_toy_module
+from .nets import VALID_CONF, OracleNet
+from .world import BACKGROUNDS_RGB, COLORS_RGB, CONTINUOUS, DISCRETE, FACTORS, render, sample_factors
 
 
 class Oracle:
@@ -71,7 +41,6 @@ class Oracle:
         predicted shape is chiral (for symmetric shapes its confidence is ~0.5).
         """
         if images.ndim != 4 or images.shape[1:] != (3, 32, 32):
-            from ..errors import InputError
             raise InputError(f"the oracle judges [N,3,32,32] images in [0,1]; got shape {tuple(images.shape)}")
         cols: dict[str, list] = {}
         for chunk in images.split(batch_size):
@@ -99,11 +68,11 @@ class Oracle:
 
 def load_oracle(device: str | torch.device = "cpu", root: Path | None = None) -> Oracle:
     """The shipped oracle (``data/models/oracle.safetensors``)."""
-    net, card = M.load_toy_module("oracle", root)
+    net, card = load_toy_module("oracle", root)
     return Oracle(net, card, device)
 
 
-# --------------------------------------------------------------------------- junk & training
+# --------------------------------------------------------------------------- junk
 
 def make_junk(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` junk images in [0,1] and a bool mask ``colour_only`` (True: only the colour is junk).
@@ -166,7 +135,6 @@ def _coverage(f: pd.DataFrame) -> torch.Tensor:
 
 
 def _off_palette(m: int, rng: np.random.Generator) -> torch.Tensor:
-    from .world import BACKGROUNDS_RGB, COLORS_RGB
 
     pal = np.array(list(COLORS_RGB.values()) + list(BACKGROUNDS_RGB.values()))
     out = []
@@ -175,71 +143,3 @@ def _off_palette(m: int, rng: np.random.Generator) -> torch.Tensor:
         if np.min(np.linalg.norm(pal - c, axis=1)) > 0.35:
             out.append(c)
     return torch.tensor(np.array(out), dtype=torch.float32)
-
-
-def oracle_card() -> dict[str, Any]:
-    return {"name": "oracle", "spec": "toy/oracle", "kind": "oracle",
-            "description": "Multi-head factor predictor (judge only). Trained on clean renders without "
-                           "augmentation plus junk with uniform targets; valid = shape and colour "
-                           f"confidence >= {VALID_CONF}.",
-            "architecture": {"library": "fiberbench", "class": "OracleNet", "config": {"width": 32, "hidden": 256}},
-            "heads": {k: list(map(str, FACTORS[k])) for k in DISCRETE} | {"regress": CONTINUOUS}}
-
-
-def train_oracle(*, steps: int = 2500, batch: int = 128, junk_frac: float = 0.3, lr: float = 2e-3, seed: int = 0,
-                 root: Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train the oracle on fresh renders + junk; save weights and card."""
-    from .train import TRAIN_SEED_BASE, _env
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(TRAIN_SEED_BASE + seed)
-    card = oracle_card()
-    net = OracleNet(**card["architecture"]["config"])
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    lo = torch.tensor([FACTORS[c][0] for c in CONTINUOUS])
-    hi = torch.tensor([FACTORS[c][1] for c in CONTINUOUS])
-    n_junk = int(batch * junk_frac)
-    t0 = time.time()
-    net.train()
-    for step in range(steps):
-        f = sample_factors(batch - n_junk, TRAIN_SEED_BASE + 31 * step + seed)
-        clean = render(f)
-        clean = (clean + rng.uniform(0, 0.04) * torch.randn_like(clean)).clamp(0, 1)
-        junk, colour_only = make_junk(n_junk, rng)
-        x = torch.cat([clean, junk])
-        out = net(x)
-        nc = len(f)
-        loss = 0.0
-        for name in DISCRETE:
-            logp = out[name].log_softmax(-1)
-            y = torch.from_numpy(factor_index(f, name))
-            tgt = F.one_hot(y, HEADS[name]).float() * 0.98 + 0.02 / HEADS[name]
-            if name == "mirror":  # defined only for chiral shapes; uniform elsewhere
-                chiral = torch.from_numpy(f["shape"].isin(CHIRAL).to_numpy())
-                tgt[~chiral] = 1.0 / HEADS[name]
-            junk_tgt = torch.full((n_junk, HEADS[name]), 1.0 / HEADS[name])
-            # off-palette / two-tone images are clean shapes with junk colour: keep the other targets
-            if name != "color":
-                junk_tgt[colour_only] = torch.nan
-            tgt_all = torch.cat([tgt, junk_tgt])
-            ok = ~tgt_all.isnan().any(-1)
-            loss = loss + -(tgt_all[ok] * logp[ok]).sum(-1).mean()
-        reg_t = (torch.tensor(f[CONTINUOUS].to_numpy(), dtype=torch.float32) - lo) / (hi - lo)
-        reg_p = (out["regress"][:nc] - lo) / (hi - lo)
-        loss = loss + 10 * F.mse_loss(reg_p, reg_t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0:
-            log(f"[oracle] step {step + 1} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-    card["training"] = {"steps": steps, "batch": batch, "junk_fraction": junk_frac, "lr": lr, "seed": seed,
-                        "optimizer": "AdamW + OneCycle", "seconds": round(time.time() - t0, 1),
-                        "data": f"fresh renders every step (+ {n_junk} junk a batch), "
-                                f"{steps * batch} images in all", "env": _env()}
-    card["parameters"] = M.count_params(net)
-    M.save_weights("oracle", net.eval(), root)
-    M.write_card("oracle", card, root)
-    return card

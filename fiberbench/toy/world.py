@@ -33,10 +33,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import ConfigError, InputError
+
 __all__ = [
     "FACTORS", "DISCRETE", "CONTINUOUS", "CHIRAL", "IMAGE_SIZE", "COLORS_RGB",
     "BACKGROUNDS_RGB", "sample_factors", "render", "caption", "validate_factors",
-    "factor_index", "intervene",
+    "factor_index", "intervene", "size_word", "position_words",
 ]
 
 IMAGE_SIZE = 32
@@ -72,27 +74,27 @@ BACKGROUNDS_RGB: dict[str, tuple[float, float, float]] = {
 def validate_factors(factors: pd.DataFrame) -> pd.DataFrame:
     """Check a factor table; return it with canonical dtypes.
 
-    Raises ``ValueError`` naming the factor and its allowed values when a
+    Raises :class:`~fiberbench.errors.InputError` naming the factor and its allowed values when a
     column is missing or holds a value outside ``FACTORS``.
     """
     if not isinstance(factors, pd.DataFrame):
-        raise ValueError(f"factors must be a pandas DataFrame, got {type(factors).__name__}")
+        raise InputError(f"factors must be a pandas DataFrame, got {type(factors).__name__}")
     out = factors.copy()
     for name, allowed in FACTORS.items():
         if name not in out.columns:
-            raise ValueError(f"factor {name!r} is missing; allowed values: {allowed}")
+            raise InputError(f"factor {name!r} is missing; allowed values: {allowed}")
         col = out[name]
         if isinstance(allowed, list):
             if name == "mirror":
                 bad = ~col.isin([True, False, 0, 1])
                 if bad.any():
-                    raise ValueError(
+                    raise InputError(
                         f"factor 'mirror' has invalid value {col[bad].iloc[0]!r}; allowed values: {allowed}")
                 out[name] = col.astype(bool)
             else:
                 bad = ~col.isin(allowed)
                 if bad.any():
-                    raise ValueError(
+                    raise InputError(
                         f"factor {name!r} has invalid value {col[bad].iloc[0]!r}; allowed values: {allowed}")
                 out[name] = col.astype(str)
         else:
@@ -100,7 +102,7 @@ def validate_factors(factors: pd.DataFrame) -> pd.DataFrame:
             vals = pd.to_numeric(col, errors="coerce")
             bad = vals.isna() | (vals < lo - 1e-9) | (vals > hi + 1e-9)
             if bad.any():
-                raise ValueError(
+                raise InputError(
                     f"factor {name!r} has invalid value {col[bad].iloc[0]!r}; allowed range: [{lo}, {hi}]")
             out[name] = vals.astype(float)
     return out
@@ -125,7 +127,7 @@ def sample_factors(n: int, seed: int = 0, *, bias: Mapping[str, Any] | None = No
     Returns a DataFrame with one row per image and the columns of ``FACTORS``.
     """
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"n must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
     cols: dict[str, Any] = {}
     for name, allowed in FACTORS.items():
@@ -138,9 +140,9 @@ def sample_factors(n: int, seed: int = 0, *, bias: Mapping[str, Any] | None = No
         first, second = bias.get("pair", ("shape", "color"))
         strength = float(bias.get("strength", 0.9))
         if first not in DISCRETE or second not in DISCRETE:
-            raise ValueError(f"bias pair must name two discrete factors of {DISCRETE}, got {(first, second)}")
+            raise ConfigError(f"bias pair must name two discrete factors of {DISCRETE}, got {(first, second)}")
         if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"bias strength must be in [0, 1], got {strength}")
+            raise ConfigError(f"bias strength must be in [0, 1], got {strength}")
         keep = rng.random(n) < strength
         a_vals, b_vals = FACTORS[first], FACTORS[second]
         a_idx = [a_vals.index(v) for v in cols[first]]
@@ -179,9 +181,12 @@ def _sd_triangle(px, py, p0, p1, p2) -> torch.Tensor:
 
     pq0, pq1, pq2 = pq(v0, e0), pq(v1, e1), pq(v2, e2)
     s = torch.sign(e0[0] * e2[1] - e0[1] * e2[0])
-    d0 = dot(pq0, pq0); c0 = s * (v0[0] * e0[1] - v0[1] * e0[0])
-    d1 = dot(pq1, pq1); c1 = s * (v1[0] * e1[1] - v1[1] * e1[0])
-    d2 = dot(pq2, pq2); c2 = s * (v2[0] * e2[1] - v2[1] * e2[0])
+    d0 = dot(pq0, pq0)
+    c0 = s * (v0[0] * e0[1] - v0[1] * e0[0])
+    d1 = dot(pq1, pq1)
+    c1 = s * (v1[0] * e1[1] - v1[1] * e1[0])
+    d2 = dot(pq2, pq2)
+    c2 = s * (v2[0] * e2[1] - v2[1] * e2[0])
     d = torch.minimum(torch.minimum(d0, d1), d2)
     c = torch.minimum(torch.minimum(c0, c1), c2)
     return -torch.sqrt(d) * torch.sign(c)
@@ -250,13 +255,13 @@ def render(factors: pd.DataFrame, *, size: int = IMAGE_SIZE) -> torch.Tensor:
     return img.clamp(0.0, 1.0).contiguous()
 
 
-def _size_word(v: float) -> str:
+def size_word(v: float) -> str:
     lo, hi = FACTORS["size"]
     t = (v - lo) / (hi - lo)
     return "small" if t < 1 / 3 else ("medium" if t < 2 / 3 else "large")
 
 
-def _pos_words(x: float, y: float) -> str:
+def position_words(x: float, y: float) -> str:
     lo, hi = FACTORS["x"]
 
     def third(v):
@@ -278,7 +283,7 @@ def caption(factors: pd.DataFrame) -> list[str]:
         if shape in CHIRAL:
             shape = f"{shape} pointing {'left' if row.mirror else 'right'}"
         out.append(
-            f"a {_size_word(row.size)} {row.color} {shape} on a {row.background} background, {_pos_words(row.x, row.y)}")
+            f"a {size_word(row.size)} {row.color} {shape} on a {row.background} background, {position_words(row.x, row.y)}")
     return out
 
 
@@ -288,7 +293,7 @@ def intervene(factors: pd.DataFrame, factor: str, seed: int = 0) -> pd.DataFrame
     For ``mirror`` the flag is flipped (a visible change only for chiral shapes).
     """
     if factor not in FACTORS:
-        raise ValueError(f"unknown factor {factor!r}; factors: {list(FACTORS)}")
+        raise ConfigError(f"unknown factor {factor!r}; factors: {list(FACTORS)}")
     rng = np.random.default_rng(seed)
     out = factors.copy().reset_index(drop=True)
     allowed = FACTORS[factor]

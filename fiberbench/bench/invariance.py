@@ -1,0 +1,591 @@
+"""Ground-truth invariance benchmark: does a fiber sampler find the *true* invariances?
+
+The shapes world (:mod:`fiberbench.toy.world`) knows every factor of every
+image, so the invariances of an extractor can be measured exactly, and a fiber
+sampler can be scored by how well the factors that vary inside its fibers
+match them (``fiberbench bench invariance``).
+
+Definitions
+-----------
+**True invariance** of extractor ``f`` to factor ``k`` (by intervention)::
+
+    true(f, k) = clip(1 - E||f(x') - f(x)|| / E||f(x'') - f(x)||, 0, 1)
+
+``x`` a fresh render, ``x'`` the same scene with only factor ``k`` changed
+(:func:`fiberbench.toy.intervene`: a different value of a discrete factor, a
+resample of a continuous one; ``mirror`` is flipped and measured on chiral
+shapes only, where it is visible), ``x''`` an independent render. 1 = the
+features do not move when ``k`` changes; 0 = they move as much as (or more
+than) under a full resample. Pairs with ``true >= 0.8`` are *invariant*, pairs
+with ``true <= 0.2`` *sensitive*; the rest are partial and enter only the rank
+correlation.
+
+**Estimated invariance** of a method (what its fibers say): for every
+reference, the method draws ``n`` fiber samples; the oracle judges them
+(:func:`fiberbench.toy.load_oracle`); per fiber and factor
+
+- discrete factors (shape, colour, background, mirror): the plug-in entropy of
+  the factor's oracle label among the fiber's samples divided by the *expected*
+  plug-in entropy of the same number of draws from the prior's label
+  distribution (size-matched: 4 samples can show at most 2 bits however free
+  the factor is, so the ratio compares like with like;
+  :func:`fiberbench.analysis.semantics.expected_plugin_entropy`);
+- continuous factors (size, x, y): the fiber's sample variance of the oracle's
+  regressed value (``ddof=1``, unbiased for any size) divided by its variance
+  under the prior.
+
+"The prior" is the data distribution the toy priors were trained on, seen
+through the same judge: the oracle's labels of fresh renders. The per-factor
+estimate is the mean of the per-fiber ratios weighted by their sample counts
+(≈ 1: the factor varies inside fibers as freely as in the world, i.e. the
+sampler says "invariant"; 0: fibers keep it fixed, "sensitive"). It is computed
+on **oracle-valid samples only** (a junk image's labels say nothing about a
+factor; fibers with fewer than ``min_samples`` (3) valid samples are skipped;
+the counts are reported per pair); the same numbers on all samples are reported
+beside them (``*_all_samples``). ``mirror`` uses only the samples the oracle
+calls chiral.
+
+Per method the benchmark reports ``recovery_auroc`` (AUROC of the estimate for
+separating invariant from sensitive pairs; 0.5 = chance, 1 = perfect),
+``rank_correlation`` (Spearman between estimated and true over every
+extractor x factor pair with an estimate), ``feature_match`` (fraction of
+samples with cosine >= 0.95 to the reference's features, as
+:func:`fiberbench.analysis.toy_scores.oracle_fiber_metrics`), ``validity`` (oracle), ``seconds_per_sample``,
+``training_seconds`` and the per-pair table.
+
+The trained baseline, ``method: "conditional"`` (:mod:`fiberbench.baselines.conditional`):
+a flow-matching generator conditioned on ``toy/shape-resnet``'s logits or
+pre-logits, trained with a fiber-loss term. It exists only for the extractors it
+was trained for; for every other extractor its ``per_extractor`` entry says
+``"not trained for this extractor"`` and it contributes no pair. Its
+``training_seconds`` is its training wall time (the training-free methods
+report 0; both start from the same prior). Because it covers fewer pairs, every
+method also gets ``on_conditional_extractors``: its scores on the same
+extractors only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import torch
+from scipy.stats import spearmanr
+
+from .. import plots
+from ..analysis.semantics import entropy_bits, expected_plugin_entropy
+from ..baselines.conditional import NAME as CONDITIONAL_MODEL
+from ..baselines.conditional import SPEC as CONDITIONAL_SPEC
+from ..baselines.conditional import trained_for
+from ..errors import ConfigError, InputError
+from ..models import load_extractor, load_prior
+from ..sampling import METHODS, PRESETS, SAMPLERS, sample_fiber
+from ..seeds import INVARIANCE_SEED_BASE
+from ..toy import (
+    CHIRAL,
+    CONTINUOUS,
+    DISCRETE,
+    FACTORS,
+    balanced_references,
+    intervene,
+    load_oracle,
+    render,
+    sample_factors,
+)
+from ..toy.cards import available
+
+__all__ = [
+    "EXTRACTORS", "INVARIANT", "SENSITIVE", "INVARIANCE_SEED_BASE", "intervention_set", "true_invariance",
+    "balanced_references", "fiber_factor_stats", "estimated_invariance", "recovery_auroc", "rank_correlation",
+    "rank_correlation_ceiling", "score_method", "invariance_figure", "run_invariance_bench",
+]
+
+EXTRACTORS = ("toy/shape-resnet@logits", "toy/shape-resnet@pre_logits", "toy/color-vit@logits",
+              "toy/simclr-resnet@embed")
+INVARIANT = 0.8   # true score >= this: the extractor is invariant to the factor
+SENSITIVE = 0.2   # true score <= this: the extractor is sensitive to it
+
+
+# --------------------------------------------------------------------------- ground truth
+
+def intervention_set(n: int, seed: int = 0) -> dict[str, Any]:
+    """Renders for the intervention measure (deterministic per ``seed``).
+
+    Returns ``{"x": [n,3,32,32], "other": [n,3,32,32]`` (independent renders), ``"factors"``: DataFrame,
+    ``"changed": {factor: (rows [m] int64, images [m,3,32,32])}``}: for each factor the rows of ``x``
+    it applies to (``mirror``: chiral shapes only) and their renders with only that factor changed.
+    All images in [0, 1].
+    """
+    if n < 2:
+        raise ConfigError(f"the intervention measure needs n >= 2 references, got {n}")
+    base = INVARIANCE_SEED_BASE + 1000 * seed
+    f = sample_factors(n, base)
+    changed = {}
+    for k, name in enumerate(FACTORS):
+        rows = np.flatnonzero(f["shape"].isin(CHIRAL).to_numpy()) if name == "mirror" else np.arange(n)
+        g = f.iloc[rows].reset_index(drop=True)
+        changed[name] = (rows, render(intervene(g, name, seed=base + 10 + k)))
+    return {"x": render(f), "other": render(sample_factors(n, base + 1)), "factors": f, "changed": changed}
+
+
+@torch.no_grad()
+def _features(extractor, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([extractor(c).float() for c in images.split(batch_size)])
+
+
+def true_invariance(extractors: Mapping[str, Any], n: int = 512, seed: int = 0,
+                    data: dict[str, Any] | None = None) -> pd.DataFrame:
+    """True invariance of each extractor to each world factor, by intervention.
+
+    Args:
+        extractors: ``{spec: Extractor}`` (images ``[N,3,32,32]`` in [0,1] -> ``[N,D]``).
+        n: references (``mirror`` uses the ~n/4 chiral ones).
+        data: a precomputed :func:`intervention_set` (else built from ``n`` and ``seed``).
+
+    Returns:
+        One row per (extractor, factor): ``n`` (pairs), ``change_intervention`` = E||f(x') - f(x)||,
+        ``change_resample`` = E||f(x'') - f(x)|| over the same rows, ``ratio`` (their quotient, >= 0)
+        and ``true_invariance = clip(1 - ratio, 0, 1)``.
+    """
+    data = data or intervention_set(n, seed)
+    rows = []
+    for spec, ext in extractors.items():
+        fx = _features(ext, data["x"])
+        fo = _features(ext, data["other"])
+        resample = (fo - fx).norm(dim=-1)
+        for name, (idx, imgs) in data["changed"].items():
+            idx_t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            if len(idx_t) == 0:
+                rows.append((spec, name, 0, np.nan, np.nan, np.nan, np.nan))
+                continue
+            move = (_features(ext, imgs) - fx[idx_t]).norm(dim=-1).mean()
+            base = resample[idx_t].mean()
+            ratio = float(move / base) if float(base) > 0 else np.nan
+            rows.append((spec, name, len(idx_t), float(move), float(base), ratio, float(np.clip(1 - ratio, 0, 1))))
+    return pd.DataFrame(rows, columns=["extractor", "factor", "n", "change_intervention", "change_resample",
+                                       "ratio", "true_invariance"])
+
+
+# --------------------------------------------------------------------------- what a method estimates
+
+def _prior_labels(oracle, n: int = 1024, seed: int = 0) -> pd.DataFrame:
+    """The oracle's judgement of ``n`` fresh renders: the world distribution through the same judge."""
+    return oracle.predict(render(sample_factors(n, INVARIANCE_SEED_BASE + 900 + 1000 * seed)))
+
+
+def fiber_factor_stats(samples: pd.DataFrame, prior: pd.DataFrame, *, only_valid: bool = True,
+                       min_samples: int = 3, n_mc: int = 4000, seed: int = 0) -> pd.DataFrame:
+    """Per fiber and factor: how freely the factor varies inside the fiber relative to the prior.
+
+    Args:
+        samples: oracle frame of the fiber samples (``fiberbench.toy.load_oracle().predict``: one column
+            per factor, ``valid``) plus a ``fiber`` column naming each sample's fiber.
+        prior: oracle frame of the prior's samples (the reference distribution), same columns.
+        only_valid: use only samples (and prior rows) with ``valid`` True.
+        min_samples: fibers with fewer usable samples for a factor are skipped (an entropy or a
+            variance needs at least 2; 2 samples give a very noisy ratio).
+
+    Returns:
+        One row per (fiber, factor) with ``n`` usable samples: ``statistic`` (``entropy_ratio`` |
+        ``variance_ratio``), ``value`` (the fiber's entropy in bits / variance), ``baseline`` (the
+        expected plug-in entropy of ``n`` prior draws / the prior's variance) and ``ratio`` = value /
+        baseline (>= 0; ≈1 the factor is as free as in the prior, 0 it is fixed).
+    """
+    need = set(FACTORS) | {"fiber"} | ({"valid"} if only_valid else set())
+    missing = need - set(samples.columns)
+    if missing:
+        raise InputError(f"samples frame lacks columns {sorted(missing)} (an oracle frame plus 'fiber')")
+    missing = (set(FACTORS) | ({"valid"} if only_valid else set())) - set(prior.columns)
+    if missing:
+        raise InputError(f"prior frame lacks columns {sorted(missing)} (an oracle frame)")
+    if min_samples < 2:
+        raise ConfigError(f"min_samples must be >= 2, got {min_samples}")
+    s = samples[samples["valid"].astype(bool)] if only_valid else samples
+    p = prior[prior["valid"].astype(bool)] if only_valid else prior
+    if len(p) < 2:
+        raise InputError(f"the prior frame has {len(p)} usable rows; need >= 2")
+    chiral_s = s["shape"].isin(CHIRAL)
+    chiral_p = p["shape"].isin(CHIRAL)
+    prior_p = {}
+    for name in DISCRETE:
+        col = p.loc[chiral_p, name] if name == "mirror" else p[name]
+        prior_p[name] = col.value_counts().reindex(FACTORS[name], fill_value=0).to_numpy(float)
+    prior_var = {name: float(p[name].var(ddof=1)) for name in CONTINUOUS}
+    cache: dict[tuple[str, int], float] = {}
+    rows = []
+    for fiber, g in s.groupby("fiber", sort=True):
+        for name in FACTORS:
+            col = g.loc[chiral_s.loc[g.index], name] if name == "mirror" else g[name]
+            m = len(col)
+            if m < min_samples:
+                continue
+            if name in DISCRETE:
+                counts = col.value_counts().reindex(FACTORS[name], fill_value=0).to_numpy(float)
+                if (name, m) not in cache:
+                    cache[(name, m)] = expected_plugin_entropy(prior_p[name], m, n_mc, seed) \
+                        if prior_p[name].sum() > 0 else np.nan
+                value, baseline, stat = entropy_bits(counts[counts > 0] / counts.sum()), cache[(name, m)], "entropy_ratio"
+            else:
+                value, baseline, stat = float(col.var(ddof=1)), prior_var[name], "variance_ratio"
+            ratio = value / baseline if baseline and baseline > 0 else np.nan
+            rows.append((fiber, name, m, stat, value, baseline, ratio))
+    return pd.DataFrame(rows, columns=["fiber", "factor", "n", "statistic", "value", "baseline", "ratio"])
+
+
+def estimated_invariance(stats: pd.DataFrame) -> pd.DataFrame:
+    """Per factor: ``estimated`` = mean per-fiber ratio weighted by the fiber's usable samples (small fibers
+    give noisy ratios), ``fibers`` and ``samples`` it rests on.
+
+    Factors with no usable fiber get ``estimated = NaN`` and ``fibers = 0``.
+    """
+    if stats.empty:
+        agg = pd.DataFrame(columns=["estimated", "fibers", "samples"])
+    else:
+        ok = stats[np.isfinite(stats["ratio"].to_numpy(float))].assign(w=lambda d: d["ratio"] * d["n"])
+        agg = ok.groupby("factor").agg(wsum=("w", "sum"), fibers=("ratio", "count"), samples=("n", "sum"))
+        agg["estimated"] = agg["wsum"] / agg["samples"]
+        agg = agg[["estimated", "fibers", "samples"]]
+    agg = agg.reindex(list(FACTORS))
+    agg["fibers"] = agg["fibers"].fillna(0).astype(int)
+    agg["samples"] = agg["samples"].fillna(0).astype(int)
+    return agg.rename_axis("factor").reset_index()
+
+
+# --------------------------------------------------------------------------- scores
+
+def recovery_auroc(true: Sequence[float], estimated: Sequence[float], *, invariant: float = INVARIANT,
+                   sensitive: float = SENSITIVE) -> float:
+    """AUROC of ``estimated`` telling invariant pairs (true >= ``invariant``) from sensitive ones (<= ``sensitive``).
+
+    Mann-Whitney form with ties counted 1/2: the probability that a random invariant pair gets a higher
+    estimate than a random sensitive one. Pairs with a NaN estimate or a partial true score are left
+    out; NaN when either class is empty. In [0, 1].
+    """
+    t = np.asarray(true, float)
+    e = np.asarray(estimated, float)
+    ok = np.isfinite(t) & np.isfinite(e)
+    pos, neg = e[ok & (t >= invariant)], e[ok & (t <= sensitive)]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def rank_correlation(true: Sequence[float], estimated: Sequence[float]) -> float:
+    """Spearman correlation (ties averaged) over pairs where both are finite; NaN if < 3 pairs or constant."""
+    t = np.asarray(true, float)
+    e = np.asarray(estimated, float)
+    ok = np.isfinite(t) & np.isfinite(e)
+    if ok.sum() < 3 or np.ptp(t[ok]) == 0 or np.ptp(e[ok]) == 0:
+        return float("nan")
+    return float(spearmanr(t[ok], e[ok]).statistic)
+
+
+def rank_correlation_ceiling(true: Sequence[float], estimated: Sequence[float] | None = None, *,
+                             invariant: float = INVARIANT) -> float:
+    """Spearman of an *ideal* fiber estimator against ``true``: the best a fiber sampler can score here.
+
+    A fiber is a set of images whose features match the reference's within a tolerance; every factor
+    whose change keeps the features inside it is free in the fiber. The ideal estimator therefore
+    reports the true score on every pair below ``invariant`` (it sees exactly how much a partial or
+    sensitive factor is pinned) and full freedom, 1.0, tied, on every invariant pair (a factor that
+    moves the features by 3 % or by 13 % of a full resample is equally free inside the fiber). Its
+    Spearman is below 1 whenever the invariant pairs' true scores differ: the within-group order is
+    the extractor's feature geometry, which fiber membership does not see. Pairs where ``estimated``
+    (if given) is NaN are left out, so a method's ceiling is over the pairs it estimated. In [-1, 1].
+    """
+    t = np.asarray(true, float)
+    ok = np.isfinite(t)
+    if estimated is not None:
+        ok &= np.isfinite(np.asarray(estimated, float))
+    ideal = np.where(t >= invariant, 1.0, t)
+    return rank_correlation(t[ok], ideal[ok])
+
+
+def score_method(pairs: pd.DataFrame) -> dict[str, Any]:
+    """The headline numbers of one method's pair table (columns ``true_invariance``, ``estimated``,
+    ``estimated_all_samples``): AUROC and Spearman on valid samples and on all samples, and counts."""
+    t = pairs["true_invariance"].to_numpy(float)
+    e = pairs["estimated"].to_numpy(float)
+    ea = pairs["estimated_all_samples"].to_numpy(float)
+    cls = np.where(t >= INVARIANT, "invariant", np.where(t <= SENSITIVE, "sensitive", "partial"))
+    return {
+        "recovery_auroc": recovery_auroc(t, e),
+        "rank_correlation": rank_correlation(t, e),
+        "rank_correlation_ceiling": rank_correlation_ceiling(t, e),
+        "recovery_auroc_all_samples": recovery_auroc(t, ea),
+        "rank_correlation_all_samples": rank_correlation(t, ea),
+        "pairs": int(len(pairs)),
+        "pairs_estimated": int(np.isfinite(e).sum()),
+        "pairs_invariant": int((cls == "invariant").sum()),
+        "pairs_sensitive": int((cls == "sensitive").sum()),
+    }
+
+
+# --------------------------------------------------------------------------- figure
+
+def invariance_figure(pairs: pd.DataFrame, *, title: str = "estimated vs true invariance per extractor x factor"):
+    """Plotly scatter, one panel per method: true invariance (x) vs the method's estimate (y).
+
+    ``pairs``: long frame with ``method, extractor, factor, true_invariance, estimated``. Shaded bands mark
+    the sensitive (<= 0.2) and invariant (>= 0.8) ranges of the true score; the dashed line is y = x.
+    """
+    need = {"method", "extractor", "factor", "true_invariance", "estimated"}
+    if need - set(pairs.columns):
+        raise InputError(f"pairs frame lacks columns {sorted(need - set(pairs.columns))}")
+    df = pairs.copy()
+    df["extractor"] = df["extractor"].str.replace("toy/", "", regex=False)
+    methods = list(dict.fromkeys(df["method"]))
+    fig = px.scatter(df, x="true_invariance", y="estimated", color="factor", symbol="extractor",
+                     facet_col="method", facet_col_wrap=min(3, len(methods)), category_orders={"method": methods},
+                     hover_data=["extractor", "factor", "fibers", "samples"] if "fibers" in df else None,
+                     title=title, range_x=[-0.05, 1.05])
+    ymax = float(np.nanmax(np.r_[df["estimated"].to_numpy(float), 1.0])) * 1.05 + 0.05
+    fig.update_yaxes(range=[-0.05, ymax])
+    for band in ((-0.05, SENSITIVE), (INVARIANT, 1.05)):
+        fig.add_vrect(x0=band[0], x1=band[1], fillcolor="gray", opacity=0.12, line_width=0, row="all", col="all")
+    fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dash", color="gray", width=1),
+                  row="all", col="all")
+    fig.update_traces(marker=dict(size=9, line=dict(width=0.5, color="black")))
+    fig.update_layout(width=1100, height=380 * ((len(methods) + 2) // 3) + 80, template="plotly_white",
+                      legend=dict(font=dict(size=10)))
+    return fig
+
+
+def save_report_figure(fig, out_dir: Path, name: str) -> dict[str, Any]:
+    """Write ``fig`` as ``<name>.html`` (plotly) and ``<name>.png`` (offline export) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html = out_dir / f"{name}.html"
+    fig.write_html(str(html), include_plotlyjs="cdn")
+    info: dict[str, Any] = {"html": str(html)}
+    try:
+        res = plots.save_figure(fig, out_dir / f"{name}.png")
+        info.update(png=str(res["path"]), png_engine=res["engine"], png_fallback_reason=res["fallback_reason"])
+    except Exception as e:  # noqa: BLE001 - the HTML is the primary output; say why the PNG is missing
+        info.update(png=None, png_error=f"{type(e).__name__}: {e}")
+    return info
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+# The key setting of each method. ndtm: the toy preset with unit-norm control gradients and no push once a
+# sample's cosine loss is <= 0.01 (docs/invariance_bench.md compares the variants); the trained baseline
+# with classifier-free guidance 2.0 (chosen on its card's seeds); the rest at their defaults.
+SETTINGS = {
+    "ndtm": {"preset": "toy", "grad_norm": "unit", "fiber_tol": 0.01},
+    "dps": {},
+    "metamer": {},
+    "unguided": {},
+    "conditional": {"guidance": 2.0},
+}
+DEFAULT_METHODS = ("ndtm", "dps", "metamer", "unguided")
+CONDITIONAL = "conditional"
+NOT_TRAINED = "not trained for this extractor"
+_PAIR_COLUMNS = ["method", "extractor", "factor", "true_invariance", "estimated", "fibers", "samples",
+                 "estimated_all_samples", "samples_all"]
+
+
+def run_invariance_bench(quick: bool = False, seed: int = 0, *,
+                         methods: Sequence[str] | None = None,
+                         extractors: Sequence[str] | None = None, prior: Any = "toy/prior-fm",
+                         references: int | None = None, n: int | None = None, steps: int | None = None,
+                         truth_n: int | None = None, prior_n: int = 1024,
+                         settings: Mapping[str, Mapping[str, Any]] | None = None,
+                         save_to: str | Path | None = "out/bench", min_samples: int = 3,
+                         progress: bool = False) -> dict[str, Any]:
+    """Score fiber samplers against the true invariances of the toy extractors.
+
+    Args:
+        quick: 8 references x 4 samples, 256 intervention references (default 12 x 8, 1000).
+        seed: one seed for references, interventions and samples; outputs other than timings are
+            identical per seed.
+        methods: registered sampler names (training-free ones and/or ``"conditional"``, the trained
+            baseline); each runs with ``SETTINGS[method]`` updated by ``settings[method]``. Default: ndtm,
+            dps, metamer, unguided, plus conditional when its model is shipped.
+        extractors: spec strings (default :data:`EXTRACTORS`, skipping toy models not shipped yet).
+        prior: a spec string or a loaded :class:`~fiberbench.models.prior.Prior`.
+        references, n, steps, truth_n: override the sizes (``steps`` default: the toy preset's).
+        prior_n: fresh renders judged by the oracle as the prior's label distribution.
+        save_to: folder for ``invariance.html`` / ``invariance.png`` (``None``: no figure).
+
+    Returns:
+        ``{method: {"recovery_auroc", "rank_correlation", "recovery_auroc_all_samples",
+        "rank_correlation_all_samples", "feature_match", "validity", "seconds_per_sample",
+        "per_extractor": [...], "table": [one dict per extractor x factor pair], "settings", "run"}}``
+        (strict JSON: a missing value, e.g. the AUROC of a method with no valid sample, is ``None``;
+        ``run`` holds the sizes, the true-invariance table and the figure paths).
+    """
+    methods = _check_methods(methods)
+    settings = {m: {**SETTINGS.get(m, {}), **dict((settings or {}).get(m, {}))} for m in methods}
+    if extractors is None:
+        have = set(available())
+        extractors = [s for s in EXTRACTORS if s.split("/", 1)[1].split("@")[0] in have]
+    if not extractors:
+        raise ConfigError("no extractor to benchmark (are the toy models in data/models?)")
+    B = references or (8 if quick else 12)
+    n = n or (4 if quick else 8)
+    truth_n = truth_n or (256 if quick else 1000)
+    steps = steps or PRESETS["toy"]["steps"]
+    torch.manual_seed(seed)
+
+    t_start = time.perf_counter()
+    exts = {spec: load_extractor(spec) for spec in extractors}
+    truth = true_invariance(exts, n=truth_n, seed=seed)
+    t_truth = time.perf_counter() - t_start
+    oracle = load_oracle()
+    bench = _Bench(truth=truth, exts=exts, oracle=oracle, refs=balanced_references(B, seed), n=n, seed=seed,
+                   prior_labels=_prior_labels(oracle, n=prior_n, seed=seed), min_samples=min_samples,
+                   progress=progress)
+    p = load_prior(prior) if isinstance(prior, str) else prior
+    cond_prior = load_prior(CONDITIONAL_SPEC) if CONDITIONAL in methods else None
+    out: dict[str, Any] = {}
+    all_pairs = []
+    for method in methods:
+        kw = dict(settings[method])
+        kw.setdefault("steps", steps)
+        m, table = _run_method(bench, method, cond_prior if method == CONDITIONAL else p, kw)
+        all_pairs.append(table)
+        out[method] = m
+    if cond_prior is not None:
+        _add_conditional_subset_scores(out, cond_prior.card)
+    run = {"references": B, "n": n, "steps": steps, "truth_n": truth_n, "prior_n": prior_n,
+           "prior": prior if isinstance(prior, str) else getattr(prior, "spec", type(prior).__name__),
+           "seed": seed, "extractors": list(extractors),
+           "reference_seed": INVARIANCE_SEED_BASE + 500 + 1000 * seed,
+           "intervention_seed": INVARIANCE_SEED_BASE + 1000 * seed, "min_samples": min_samples,
+           "thresholds": {"invariant": INVARIANT, "sensitive": SENSITIVE},
+           "truth_seconds": t_truth, "true_invariance": truth.to_dict(orient="records")}
+    if save_to is not None:
+        fig = invariance_figure(pd.concat([t for t in all_pairs if len(t)], ignore_index=True))
+        run["figure"] = save_report_figure(fig, Path(save_to), "invariance" + ("_quick" if quick else ""))
+    run["seconds"] = time.perf_counter() - t_start
+    for m in out.values():
+        m["run"] = run
+    return _json_safe(out)
+
+
+def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
+    """The methods to run (default: the training-free ones, plus the trained baseline when it is shipped)."""
+    if methods is None:
+        return DEFAULT_METHODS + ((CONDITIONAL,) if CONDITIONAL_MODEL in available() else ())
+    bad = [m for m in methods if m not in SAMPLERS]
+    if bad:
+        raise ConfigError(f"unknown method(s) {bad}; choose from {list(METHODS) + [CONDITIONAL]}")
+    if CONDITIONAL in methods and CONDITIONAL_MODEL not in available():
+        raise ConfigError(f"method 'conditional' needs the trained model {CONDITIONAL_SPEC} in data/models "
+                          f"(train it with fiberbench.training.conditional.train_conditional)")
+    return tuple(methods)
+
+
+@dataclass
+class _Bench:
+    """What every method of one benchmark run is scored against."""
+
+    truth: pd.DataFrame
+    exts: dict[str, Any]
+    oracle: Any
+    refs: tuple[torch.Tensor, pd.DataFrame]  # (images [B,3,32,32] in [0,1], their factors)
+    n: int
+    seed: int
+    prior_labels: pd.DataFrame
+    min_samples: int
+    progress: bool
+
+
+def _run_method(bench: _Bench, method: str, prior, kw: dict[str, Any]) -> tuple[dict[str, Any], pd.DataFrame]:
+    """One method on every extractor: its scores (per extractor and overall) and its pair table."""
+    refs, ref_factors = bench.refs
+    B, n = refs.shape[0], bench.n
+    per_ext, pairs, secs_total, samples_total = [], [], 0.0, 0
+    for spec, ext in bench.exts.items():
+        if SAMPLERS[method].trained and not trained_for(prior.card, spec):
+            per_ext.append({"extractor": spec, "status": NOT_TRAINED})
+            continue
+        t0 = time.perf_counter()
+        res = sample_fiber(prior, ext, refs, n=n, method=method, seed=bench.seed, progress=bench.progress,
+                           batch_size=64, **kw)
+        secs = time.perf_counter() - t0
+        secs_total += secs
+        samples_total += B * n
+        pred = bench.oracle.predict(res.images)
+        pred["fiber"] = np.repeat(np.arange(B), n)
+        pairs += _pairs(bench, method, spec, pred)
+        per_ext.append({"extractor": spec, "feature_match": float((res.cosine >= 0.95).float().mean()),
+                        "mean_cosine": float(res.cosine.mean()), "validity": float(pred["valid"].mean()),
+                        "shape_kept": float((pred["shape"].to_numpy()
+                                             == np.repeat(ref_factors["shape"].to_numpy(), n)).mean()),
+                        "seconds_per_sample": secs / (B * n)})
+    table = pd.DataFrame(pairs, columns=_PAIR_COLUMNS)
+    m = score_method(table)
+    scored = [e for e in per_ext if "feature_match" in e]
+    m["feature_match"] = float(np.mean([e["feature_match"] for e in scored])) if scored else float("nan")
+    m["validity"] = float(np.mean([e["validity"] for e in scored])) if scored else float("nan")
+    m["seconds_per_sample"] = secs_total / samples_total if samples_total else float("nan")
+    m.update(_training_info(method, prior))
+    m["per_extractor"] = per_ext
+    m["table"] = table.drop(columns="method").to_dict(orient="records")
+    m["settings"] = {k: v for k, v in kw.items()}
+    return m, table
+
+
+def _pairs(bench: _Bench, method: str, spec: str, pred: pd.DataFrame) -> list[dict[str, Any]]:
+    """The extractor x factor rows of one method on one extractor (estimates on valid and on all samples)."""
+    est = estimated_invariance(fiber_factor_stats(pred, bench.prior_labels, min_samples=bench.min_samples,
+                                                  seed=bench.seed))
+    est_all = estimated_invariance(fiber_factor_stats(pred, bench.prior_labels, only_valid=False,
+                                                      min_samples=bench.min_samples, seed=bench.seed))
+    tr = bench.truth[bench.truth["extractor"] == spec].set_index("factor")
+    return [{"method": method, "extractor": spec, "factor": row.factor,
+             "true_invariance": float(tr.loc[row.factor, "true_invariance"]), "estimated": float(row.estimated),
+             "fibers": int(row.fibers), "samples": int(row.samples),
+             "estimated_all_samples": float(row_all.estimated), "samples_all": int(row_all.samples)}
+            for row, row_all in zip(est.itertuples(index=False), est_all.itertuples(index=False))]
+
+
+def _training_info(method: str, prior) -> dict[str, Any]:
+    """``training_seconds`` of a method: the trained model's training wall time, 0 for training-free ones
+    (all start from the same toy prior, whose training is not counted for either)."""
+    if not SAMPLERS[method].trained:
+        return {"training_seconds": 0.0}
+    card = prior.card
+    tr = card["training"]
+    cond = card["architecture"]["config"]["condition"]
+    return {"training_seconds": float(tr["seconds"]),
+            "training": {"model": card["spec"], "steps": tr["steps"], "seconds": tr["seconds"],
+                         "trained_for": [f"{cond['extractor']}@{layer}" for layer in cond["dims"]],
+                         "initialised_from": card.get("initialised_from")}}
+
+
+def _add_conditional_subset_scores(out: dict[str, Any], card: dict[str, Any]) -> None:
+    """Every method's scores on the extractors the conditional model covers (``on_conditional_extractors``)."""
+    for m in out.values():
+        table = pd.DataFrame(m["table"], columns=_PAIR_COLUMNS[1:])
+        keep = [trained_for(card, spec) for spec in table["extractor"]]
+        sub = table[keep]
+        exts = [e for e in m["per_extractor"] if "feature_match" in e and trained_for(card, e["extractor"])]
+        s = score_method(sub)
+        m["on_conditional_extractors"] = {
+            "extractors": sorted(set(sub["extractor"])),
+            "recovery_auroc": s["recovery_auroc"], "rank_correlation": s["rank_correlation"],
+            "pairs_estimated": s["pairs_estimated"],
+            "feature_match": float(np.mean([e["feature_match"] for e in exts])) if exts else float("nan"),
+            "validity": float(np.mean([e["validity"] for e in exts])) if exts else float("nan"),
+            "shape_kept": float(np.mean([e["shape_kept"] for e in exts])) if exts else float("nan"),
+        }
+
+
+def _json_safe(obj):
+    """NaN -> None (strict JSON has no NaN: a missing estimate prints as null)."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,0 +1,202 @@
+"""``hf/<repo or folder>``: a ``transformers`` vision model as an extractor.
+
+DINOv2, ViT, ConvNeXt, CLIP/SigLIP image towers…, with the preprocessing of their own image-processor
+config made differentiable. ``transformers`` is an optional dependency (``pip install fiberbench[hf]``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ..extractor import Extractor
+from ..hubcache import HUB_WEIGHT_FILES, is_missing_weights, local_or_cached_checksum, weights_unavailable
+from ..registry import ModelSource, Spec, register_source
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@register_source
+class HfSource(ModelSource):
+    name = "hf"
+    kinds = ("extractor",)
+
+    def load_extractor(self, spec: Spec, device: str, **kwargs: Any) -> Extractor:
+        return load_hf_extractor(spec.name, spec.layer, device=device, **kwargs)
+
+    def checksum(self, spec: Spec) -> str | None:
+        return local_or_cached_checksum(spec.name, HUB_WEIGHT_FILES)
+
+
+
+_PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
+
+
+def hf_preprocess_cfg(processor) -> dict[str, Any]:
+    """A transformers image processor -> ``{input_size, resize, resize_size, mean, std, interpolation}``.
+
+    Handles ``size={"shortest_edge": s}`` (+ centre crop ``crop_size``, or ConvNeXt's
+    ``crop_pct``) and ``size={"height": h, "width": w}`` (squash, + optional crop).
+    """
+    def as_dict(d):
+        if d is None or isinstance(d, int):
+            return d
+        if hasattr(d, "keys"):
+            d = {k: d[k] for k in d.keys()}
+        else:  # transformers 5 SizeDict (a dataclass)
+            d = {k: getattr(d, k) for k in ("shortest_edge", "height", "width", "longest_edge") if hasattr(d, k)}
+        return {k: v for k, v in d.items() if v is not None}
+
+    def side(d, what):
+        if d is None:
+            return None
+        if isinstance(d, int):
+            return d
+        if "shortest_edge" in d:
+            return int(d["shortest_edge"])
+        h, w = d.get("height"), d.get("width")
+        if h is None or h != w:
+            raise ConfigError(f"image processor {what} {d} is not a square size; fiberbench extractors use "
+                              f"square inputs (pass input_size= to override)")
+        return int(h)
+
+    size_d = as_dict(getattr(processor, "size", None))
+    crop = as_dict(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else None
+    s = side(size_d, "size")
+    c = side(crop, "crop_size")
+    shortest = isinstance(size_d, dict) and "shortest_edge" in size_d
+    resample = getattr(processor, "resample", 2)
+    interp = _PIL_RESAMPLE.get(int(resample), "bilinear") if resample is not None else "bilinear"
+    crop_pct = getattr(processor, "crop_pct", None)
+    if shortest and crop_pct and c is None and s < 384:  # ConvNeXt: resize to s / crop_pct, crop s
+        out = dict(input_size=s, resize="shortest", resize_size=int(s / crop_pct))
+    elif c is not None:
+        out = dict(input_size=c, resize="shortest" if shortest else "squash", resize_size=s)
+    elif shortest:
+        out = dict(input_size=s, resize="shortest", resize_size=s)
+    else:
+        out = dict(input_size=s, resize="squash", resize_size=None)
+    norm = getattr(processor, "do_normalize", True)
+    out["mean"] = list(getattr(processor, "image_mean", None) or IMAGENET_MEAN) if norm else [0.0] * 3
+    out["std"] = list(getattr(processor, "image_std", None) or IMAGENET_STD) if norm else [1.0] * 3
+    out["interpolation"] = interp
+    return out
+
+
+def _hf_output(layer: str, spec: str):
+    """forward_fn for the named output of a transformers model."""
+    def pick(out):
+        if isinstance(out, torch.Tensor):
+            return out
+        if layer == "logits":
+            return out.logits
+        if layer == "pooled":
+            p = getattr(out, "pooler_output", None)
+            if p is None:
+                raise ConfigError(f"{spec}: this model has no pooler output; use @cls, @mean or @last")
+            return p
+        h = out.last_hidden_state
+        if layer == "cls":
+            return h[:, 0] if h.ndim == 3 else h.mean(dim=(-2, -1))
+        if layer == "mean":
+            return h[:, 1:].mean(1) if h.ndim == 3 else h.mean(dim=(-2, -1))
+        return h  # "last"
+
+    def fwd(m, x):
+        if layer == "embed":
+            out = m.get_image_features(pixel_values=x)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
+        return pick(m(pixel_values=x))
+    return fwd
+
+
+HF_LAYERS = ("pooled", "cls", "mean", "last", "logits", "embed")
+
+
+def load_hf_extractor(name: str, layer: str | None, device="cpu", *, cache_dir=None, revision: str | None = None,
+                      trust_remote_code: bool = False, input_size: int | None = None,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None, **model_kwargs):
+    """A ``transformers`` vision model (hub id in the local cache, or a ``save_pretrained`` folder) as an Extractor.
+
+    ``layer``: ``pooled`` (``pooler_output``; DINOv2: the layer-normed CLS token), ``cls``
+    (``last_hidden_state[:, 0]``), ``mean`` (mean of the patch tokens), ``last`` (all tokens,
+    flattened), ``logits`` (``*ForImageClassification``), ``embed`` (``get_image_features`` of
+    CLIP/SigLIP-style models) or any module name (forward hook). Default: ``logits`` for
+    classifiers, ``embed`` for CLIP-style models, else ``pooled`` (or ``cls`` without a pooler).
+    Preprocessing comes from the folder's ``preprocessor_config.json`` (resize, centre crop,
+    mean, std, resample), done differentiably on [0,1] images of any size.
+    """
+    import transformers  # noqa: PLC0415 - optional dependency (the [hf] extra), needed only for hf/ specs
+
+    spec = f"hf/{name}"
+    common = dict(cache_dir=cache_dir, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, **common)
+    except Exception as e:  # noqa: BLE001
+        if is_missing_weights(e) and not Path(name).exists():
+            raise weights_unavailable(spec, name, e, cache_dir) from None
+        raise ConfigError(f"cannot read the transformers config of {spec}: {type(e).__name__}: {e}") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    is_classifier = any(a.endswith("ForImageClassification") for a in archs)
+    try:
+        if layer == "logits" or (layer is None and is_classifier):
+            if not is_classifier:
+                raise ConfigError(f"{spec} is not an image classifier (architectures {archs}); "
+                                  f"use one of {HF_LAYERS[:4]} or a module name")
+            model = transformers.AutoModelForImageClassification.from_pretrained(name, use_safetensors=None,
+                                                                                 **common, **model_kwargs)
+        else:
+            model = transformers.AutoModel.from_pretrained(name, use_safetensors=None, **common, **model_kwargs)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if is_missing_weights(e) and not Path(name).exists():
+            raise weights_unavailable(spec, name, e, cache_dir) from None
+        raise ConfigError(f"cannot load {spec}: {type(e).__name__}: {e}") from e
+    has_image_features = hasattr(model, "get_image_features")
+    if layer is None:
+        layer = "logits" if is_classifier else "embed" if has_image_features else "pooled"
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name, **common)
+        pcfg = hf_preprocess_cfg(processor)
+        source = type(processor).__name__
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - no preprocessor_config.json: the config's image size, ImageNet stats
+        vis = getattr(config, "vision_config", config)
+        pcfg = dict(input_size=int(getattr(vis, "image_size", 224)), resize="squash", resize_size=None,
+                    mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), interpolation="bicubic")
+        source = "default (no preprocessor_config.json)"
+    if input_size is not None:
+        pcfg.update(input_size=int(input_size), resize="squash", resize_size=None)
+    if mean is not None:
+        pcfg["mean"] = list(mean)
+    if std is not None:
+        pcfg["std"] = list(std)
+    named = layer in HF_LAYERS
+    runner = (lambda m, x: m.get_image_features(pixel_values=x)) if has_image_features else \
+        (lambda m, x: m(pixel_values=x))
+    classes = None
+    id2label = getattr(model.config, "id2label", None)
+    if is_classifier and id2label:
+        classes = [id2label[i] for i in sorted(id2label)]
+    if layer == "pooled" and not _has_pooler(model, pcfg["input_size"]):
+        layer = "cls"
+    ex = Extractor(model, spec=f"{spec}@{layer}", layer=layer, input_size=pcfg["input_size"],
+                   mean=pcfg["mean"], std=pcfg["std"], interpolation=pcfg["interpolation"], resize=pcfg["resize"],
+                   resize_size=pcfg["resize_size"], forward_fn=_hf_output(layer, spec) if named else None,
+                   runner=runner, classes=classes,
+                   card={"architectures": archs, "preprocessing": {**pcfg, "source": source}})
+    return ex.to(device)
+
+
+def _has_pooler(model: nn.Module, size: int) -> bool:
+    """Whether a transformers vision model returns a ``pooler_output`` (one tiny forward pass to find out)."""
+    p = next(model.parameters())
+    with torch.no_grad():
+        out = model(pixel_values=torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
+    return getattr(out, "pooler_output", None) is not None

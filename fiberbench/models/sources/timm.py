@@ -1,0 +1,96 @@
+"""``timm/<name>``: any timm model as an extractor, with the preprocessing of its ``pretrained_cfg``."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+from timm.data import resolve_data_config
+
+from ...errors import ConfigError, close_matches
+from ...identity import file_sha256
+from ...io import load_state_dict
+from ..extractor import Extractor
+from ..hubcache import HUB_WEIGHT_FILES, cached_hub_file, is_missing_weights, weights_unavailable
+from ..registry import ModelSource, Spec, register_source
+
+
+def _timm_names(name: str) -> tuple[str, str]:
+    """``(model name for timm.create_model, base architecture name)`` of a spec's name."""
+    model_name = f"local-dir:{name}" if Path(name).is_dir() else name
+    base = model_name.split(":", 1)[1] if model_name.startswith(("hf-hub:", "local-dir:")) else model_name
+    return model_name, base
+
+
+def check_timm_name(name: str) -> None:
+    """``ConfigError`` with similar names if timm knows no architecture ``name`` (hub ids and folders pass)."""
+    model_name, base = _timm_names(name)
+    if not model_name.startswith(("hf-hub:", "local-dir:")) and not timm.is_model(base.split(".")[0]) \
+            and not timm.is_model(base):
+        hint = timm.list_models(f"*{base.split('.')[0]}*")[:8] or close_matches(base, timm.list_models())
+        raise ConfigError(f"unknown timm model {base!r} in {'timm/' + name!r}; similar: {hint}")
+
+
+@register_source
+class TimmSource(ModelSource):
+    name = "timm"
+    kinds = ("extractor",)
+
+    def check(self, spec: Spec, kind: str) -> None:
+        super().check(spec, kind)
+        check_timm_name(spec.name)
+
+    def load_extractor(self, spec: Spec, device: str, **kwargs: Any) -> Extractor:
+        return load_timm_extractor(spec.name, spec.layer, device=device, **kwargs)
+
+    def checksum(self, spec: Spec) -> str | None:
+        hit = cached_hub_file(f"timm/{spec.name}", HUB_WEIGHT_FILES)
+        return "sha256:" + file_sha256(hit) if hit else None
+
+
+def load_timm_extractor(name: str, layer: str | None, device="cpu", pretrained: bool = True,
+                        checkpoint: str | None = None, cache_dir: str | None = None, **kwargs) -> Extractor:
+    """Any timm model as an Extractor, with the preprocessing of its ``pretrained_cfg``.
+
+    ``name``: a timm model name (``resnet50.a1_in1k``; weights from the local Hugging Face
+    cache), ``hf-hub:<repo>``, ``local-dir:<folder>`` or a folder written by
+    ``timm.models.save_for_hf`` (``config.json`` + ``model.safetensors``). ``layer``:
+    ``logits`` (default), ``pre_logits`` or any module name (forward hook, e.g. ``layer3``,
+    ``blocks.5``). ``checkpoint``: a ``.safetensors`` / plain state-dict file (read with
+    ``weights_only=True``) loaded instead of the hub weights; other kwargs go to
+    ``timm.create_model`` (e.g. ``num_classes``). Preprocessing follows timm's eval
+    transform (``timm.data.resolve_data_config``): resize the short side to
+    ``input_size / crop_pct``, centre-crop ``input_size`` (or squash for ``crop_mode='squash'``),
+    normalise; done differentiably on [0,1] images of any size.
+    """
+    model_name, base = _timm_names(name)
+    spec = f"timm/{name}"
+    check_timm_name(name)
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained and checkpoint is None,
+                                  **({"cache_dir": cache_dir} if cache_dir else {}), **kwargs)
+    except Exception as e:  # noqa: BLE001 - hub/network errors: one readable message
+        if is_missing_weights(e) and not model_name.startswith("local-dir:"):
+            repo = base if model_name.startswith("hf-hub:") else f"timm/{base}"
+            raise weights_unavailable(spec, repo, e, cache_dir) from None
+        raise ConfigError(f"cannot build timm model {spec}: {type(e).__name__}: {e}") from e
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(load_state_dict(checkpoint))
+        except RuntimeError as e:
+            raise ConfigError(f"{spec}: checkpoint {checkpoint} does not fit the model: {str(e)[:500]}") from e
+    data = resolve_data_config({}, model=model)
+    size = int(data["input_size"][-1])
+    crop_pct = data.get("crop_pct") or 0.875
+    crop_mode = data.get("crop_mode") or "center"
+    interp = data.get("interpolation", "bilinear")
+    interp = interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic"
+    layer = layer or "logits"
+    cfg = model.pretrained_cfg or {}
+    return Extractor(model, spec=f"timm/{name}@{layer}", layer=layer, input_size=size, mean=data["mean"],
+                     std=data["std"], interpolation=interp, resize="squash" if crop_mode == "squash" else "shortest",
+                     resize_size=int(math.floor(size / crop_pct)),
+                     card={"data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()},
+                           "pretrained_cfg": {k: v for k, v in cfg.items()
+                                              if isinstance(v, (str, int, float, tuple, list))}}).to(device)

@@ -1,0 +1,119 @@
+"""Hyper-parameters: presets, the rule every value is checked against, and how defaults, a preset and
+explicit keyword arguments merge (``defaults < preset < keyword``)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..checks import as_python, check_choice, check_int, check_real, is_number, is_real, show
+from ..errors import ConfigError, close_matches
+from .base import HP_RULES, get_sampler
+
+# Gamma schedules are segments (gamma_start, gamma_end, tau_from, tau_to) over the common
+# time scale tau in [0, 1000] (1000 = pure noise); gamma is linear inside a segment.
+PRESETS: dict[str, dict[str, Any]] = {
+    # the fiber paper's sampling scripts (vislearn/InvarianceAuditing; docs/design.md has the table)
+    "fiber-imagenet": dict(steps=200, inner_steps=5, lr=2e-3, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="l2",
+                           gamma=[(0, 0, 1000, 800), (3, 3, 800, 600), (1, 0.5, 600, 200), (2, 10, 200, 0)],
+                           eta=1.0, target="time", adam_eps=1e-8),
+    "fiber-chexpert": dict(steps=100, inner_steps=4, lr=2e-3, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="l2",
+                           gamma=[(0, 0, 1000, 500), (0, 10, 500, 0)], eta=0.5, target="time", adam_eps=1e-8),
+    "fiber-vlm": dict(steps=100, inner_steps=7, lr=2e-3, w_ctrl=1e-4, w_score=0.0, w_term=1.0, loss="l2",
+                      gamma=[(0, 0, 1000, 600), (10, 10, 600, 200), (20, 20, 200, 0)], eta=0.25, target="time",
+                      adam_eps=1e-8),
+    "fiber-colormnist": dict(steps=200, inner_steps=10, lr=2e-2, w_ctrl=3e-4, w_score=0.0, w_term=1.0, loss="l2",
+                             gamma=[(0, 0, 1000, 500), (5, 5, 500, 0)], eta=1.0, target="fixed", adam_eps=1e-8),
+    # ours, tuned on the shapes world with `fiberbench bench` (see docs/performance.md)
+    # eta=1 (stochastic steps) lets the prior wash out the high-frequency residue of Adam's sign-like
+    # control updates: on 12 references x 4 samples validity 0.50 -> 0.92 at feature match 1.00
+    # (eta 0 / lr 0.05 -> eta 1 / lr 0.1; see docs/performance.md)
+    # adam_eps 1e-3 (not the 1e-4 default): an Adam step moves a component with |g| ~ eps by up to lr/eps times
+    # its gradient's round-off; at lr 0.1 / eps 1e-4 (x1000, over 4 inner x 20 steps) a batched and a one-by-one
+    # run differed by 2e-3 in pixels (eps 1e-3: 5e-5). Same 12 x 4 check, prior-fm 12.5k steps: feature match
+    # 1.00 / 1.00, validity 0.90 / 0.96, shape kept 0.94 / 1.00, mean cosine 0.9996 / 0.9979 (eps 1e-4 / 1e-3).
+    "toy": dict(steps=20, inner_steps=4, lr=0.1, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="cosine",
+                gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=1.0, target="fixed", control_init="zero",
+                adam_eps=1e-3),
+}
+
+RUN_KEYS = ("steps", "loss")  # preset entries that are settings of the run, not of the method
+
+
+def check_hyperparameter(name: str, value: Any, method: str = "") -> Any:
+    """``value`` checked against :data:`HP_RULES` (numpy scalars become Python numbers), or ``ConfigError``
+    naming the hyper-parameter, the bad value and what is accepted."""
+    rule = HP_RULES[name]
+    kind = rule["kind"]
+    where = f" (method {method!r})" if method else ""  # after the value: "lr must …" stays greppable
+    if kind == "int":
+        return check_int(name, value, rule["lo"], rule["hi"], where=where)
+    if kind == "real":
+        return check_real(name, value, rule["lo"], rule.get("hi"), open_lo=rule.get("open_lo", False), where=where)
+    if kind == "choice":
+        return check_choice(name, value, rule["choices"], where=where)
+    if kind == "tau_band":
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(is_real(v) for v in value)
+                and 0 <= float(value[0]) <= float(value[1]) <= 1000):
+            raise ConfigError(f"{name} must be a pair (lo, hi) of numbers with 0 <= lo <= hi <= 1000, "
+                              f"got {show(value)}{where}")
+        return (float(value[0]), float(value[1]))
+    return check_gamma(value, where)
+
+
+def check_gamma(value: Any, where: str = "") -> float | list[tuple[float, float, float, float]]:
+    """A guidance weight: a constant >= 0, or segments ``(g_start, g_end, tau_from, tau_to)`` with g >= 0 and
+    tau in [0, 1000]."""
+    if is_number(value):
+        if not is_real(value) or value < 0:
+            raise ConfigError(f"gamma must be a finite number >= 0 or a list of segments "
+                              f"(g_start, g_end, tau_from, tau_to), got {show(value)}{where}")
+        return as_python(value)
+    segs: list[tuple[float, float, float, float]] | None = None
+    if isinstance(value, (list, tuple)) and value:
+        segs = []
+        for seg in value:
+            if not isinstance(seg, (list, tuple)) or len(seg) != 4 or not all(is_real(v) for v in seg):
+                segs = None
+                break
+            g0, g1, a, b = (float(v) for v in seg)
+            if g0 < 0 or g1 < 0 or not (0 <= a <= 1000 and 0 <= b <= 1000):
+                segs = None
+                break
+            segs.append((g0, g1, a, b))
+    if segs is None:
+        raise ConfigError(f"gamma must be a finite number >= 0 or a non-empty list of segments "
+                          f"(g_start, g_end, tau_from, tau_to) of finite numbers with g_start, g_end >= 0 and "
+                          f"tau_from, tau_to in [0, 1000], e.g. [(0, 0, 1000, 900), (1, 1, 900, 0)]; "
+                          f"got {show(value)}{where}")
+    return segs
+
+
+def resolve_hyperparameters(method: str, preset: str | None, overrides: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Merge method defaults < preset < explicit keyword arguments and check every value.
+
+    Unknown names, and values outside :data:`HP_RULES` (wrong type, NaN/inf, out of range, unknown
+    strings; bools are not numbers), raise one ``ConfigError`` naming the hyper-parameter, its value and
+    what is accepted; no other exception escapes. Returns ``(hyperparameters for the sampler function,
+    run-level settings from the preset)``.
+    """
+    allowed = get_sampler(method).defaults
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"hyper-parameters must be a mapping of names to values, got {show(overrides)}")
+    hp = dict(allowed)
+    run: dict[str, Any] = {}
+    if preset is not None:
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ConfigError(f"unknown preset {show(preset)}; presets: {sorted(PRESETS)}")
+        for k, v in PRESETS[preset].items():
+            if k in RUN_KEYS:
+                run[k] = v
+            elif k in allowed:
+                hp[k] = v
+    unknown = sorted((k for k in overrides if k not in allowed), key=repr)
+    if unknown:
+        hint = [h for k in unknown if isinstance(k, str) for h in close_matches(k, allowed, n=1)]
+        raise ConfigError(f"unknown hyper-parameter(s) {unknown} for method {method!r}; valid: {sorted(allowed)}"
+                          + (f" (did you mean {hint}?)" if hint else ""))
+    hp.update(overrides)
+    for k in hp:
+        hp[k] = check_hyperparameter(k, hp[k], method)
+    return hp, run

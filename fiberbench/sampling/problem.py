@@ -1,0 +1,192 @@
+"""What every sampler works on: the fiber problem, per-sample noise, the fiber loss and the guidance schedule.
+
+A sampler never asks which prior or extractor it holds: it calls :meth:`FiberProblem.denoise` (one prior
+call, counted), :meth:`FiberProblem.loss` (decode + extractor + fiber distance, counted), draws all its
+randomness from :attr:`FiberProblem.noise` (one generator per sample, so a sample is the same alone or in
+any batch) and books non-finite values through :meth:`FiberProblem.fault`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+LOSSES = ("l2", "cosine", "nl2")
+
+# A sample whose fiber loss or gradient (or, for NDTM/DPS, next state) is non-finite goes back to its last
+# finite iterate with a fresh optimiser state and half its step size; a fault after MAX_HALVINGS halvings in a
+# row (no finite evaluation in between) gives up its guidance: the sample finishes unguided, marked failed.
+MAX_HALVINGS = 4
+
+
+def gamma_at(gamma, tau: float) -> float:
+    """Guidance weight at common time ``tau`` for a constant or a segment list.
+
+    Segments ``(g_start, g_end, tau_from, tau_to)`` with ``tau_from > tau_to``;
+    inside one, gamma goes linearly from ``g_start`` (at ``tau_from``) to
+    ``g_end`` (at ``tau_to``). Outside every segment gamma is 0.
+    """
+    if isinstance(gamma, (int, float)):
+        return float(gamma)
+    for g0, g1, a, b in gamma:
+        hi, lo = max(a, b), min(a, b)
+        if lo <= tau <= hi and (tau < hi or hi >= 1000 or tau == hi):
+            frac = 0.0 if a == b else (a - tau) / (a - b)
+            return float(g0 + (g1 - g0) * frac)
+    return 0.0
+
+
+def fiber_distance(feats: torch.Tensor, target: torch.Tensor, metric: str) -> torch.Tensor:
+    """Per-sample fiber loss ``[M]`` between features ``[M,D]`` and targets ``[M,D]``.
+
+    ``l2``: ||f - h||_2 (unsquared, the paper's); ``cosine``: 1 - cos(f, h);
+    ``nl2``: ||f - h||_2 / ||h||_2.
+    """
+    if metric == "l2":
+        return (feats - target).norm(dim=-1)
+    if metric == "cosine":
+        return 1 - F.cosine_similarity(feats, target, dim=-1, eps=1e-8)
+    if metric == "nl2":
+        return (feats - target).norm(dim=-1) / target.norm(dim=-1).clamp(min=1e-8)
+    raise ConfigError(f"unknown fiber loss {metric!r}; choose one of {LOSSES}")
+
+
+class NoiseSource:
+    """One ``torch.Generator`` per sample, so sample *i* is the same alone or in any batch.
+
+    Noise is drawn on the CPU (reproducible across devices) and moved to ``device``.
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], device, dtype=torch.float32):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape, self.device, self.dtype = tuple(shape), device, dtype
+
+    def draw(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Standard normal noise ``[M, *shape]``, one row from each sample's generator."""
+        shape = tuple(shape or self.shape)
+        return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(self.device, self.dtype)
+
+    def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform noise on [0, 1) ``[M, *shape]``, one row from each sample's generator."""
+        return torch.stack([torch.rand(shape, generator=g) for g in self.gens]).to(self.device, self.dtype)
+
+
+
+@dataclass
+class FiberProblem:
+    """What a sampler needs: the prior, the fiber loss, targets and per-sample noise, plus bookkeeping."""
+
+    prior: Any
+    extractor: Any
+    target: torch.Tensor  # [M,D] fixed targets f(x_ref) per sample
+    metric: str
+    noise: NoiseSource
+    ref_latent: torch.Tensor | None = None  # [R,C,H,W] encode(x_ref) of the R references in this batch
+    ref_noise: torch.Tensor | None = None  # [R,C,H,W] fixed noise per reference used for h_t
+    ref_rows: torch.Tensor | None = None  # [M] which of the R references each sample belongs to
+    autocast: torch.dtype | None = None
+    calls: dict[str, int] = field(default_factory=lambda: {"denoiser": 0, "extractor": 0})
+    faults: torch.Tensor | None = None  # [M] count of non-finite events per sample
+    history: list[torch.Tensor] = field(default_factory=list)  # per step: [M] fiber loss (NaN where not computed)
+    trajectory: list[torch.Tensor] | None = None
+    # fault bookkeeping, all [M] on the CPU (see fault()):
+    events: dict[str, torch.Tensor] = field(default_factory=dict)  # "loss" | "gradient" | "state" -> count
+    halvings: torch.Tensor | None = None  # step-size halvings in all
+    scale_exp: torch.Tensor | None = None  # the current step scale is 0.5 ** scale_exp (NDTM: reset every step)
+    streak: torch.Tensor | None = None  # faults since the last finite evaluation
+    gave_up: torch.Tensor | None = None  # step/iteration at which guidance was given up, -1 while guided
+    updates: torch.Tensor | None = None  # guided updates taken with a finite loss and gradient
+
+    def __post_init__(self):
+        m = self.target.shape[0]
+        if self.faults is None:
+            self.faults = torch.zeros(m, dtype=torch.long)
+        self.events = {k: torch.zeros(m, dtype=torch.long) for k in ("loss", "gradient", "state")}
+        self.halvings = torch.zeros(m, dtype=torch.long)
+        self.scale_exp = torch.zeros(m, dtype=torch.long)
+        self.streak = torch.zeros(m, dtype=torch.long)
+        self.gave_up = torch.full((m,), -1, dtype=torch.long)
+        self.updates = torch.zeros(m, dtype=torch.long)
+
+    def live(self) -> torch.Tensor:
+        """``[M]`` bool (on the targets' device): samples still guided (not given up)."""
+        return (self.gave_up < 0).to(self.target.device)
+
+    def step_scales(self) -> list[float]:
+        """Per-sample step-size factor ``0.5 ** scale_exp`` (exactly 1.0 for a sample without faults)."""
+        return [0.5 ** int(h) for h in self.scale_exp]
+
+    def fault(self, bad: torch.Tensor, kind: str, step: int, halve: bool = True) -> None:
+        """Book a non-finite ``kind`` (``loss`` | ``gradient`` | ``state``) for the samples in ``bad`` ([M] bool).
+
+        Each fault halves that sample's step scale (when ``halve``); a fault that follows ``MAX_HALVINGS``
+        others with no finite evaluation in between gives up its guidance at ``step`` instead. Samples
+        already given up are not booked again.
+        """
+        bad = bad.detach().cpu() & (self.gave_up < 0)
+        if not bad.any():
+            return
+        self.faults[bad] += 1
+        self.events[kind][bad] += 1
+        give_up = bad & (self.streak >= MAX_HALVINGS)
+        self.streak[bad] += 1
+        if halve:
+            self.halvings[bad & ~give_up] += 1
+            self.scale_exp[bad & ~give_up] += 1
+        self.gave_up[give_up] = step
+
+    def finite(self, ok: torch.Tensor) -> None:
+        """The samples in ``ok`` ([M] bool) had a finite evaluation and take their update: their streak ends."""
+        ok = ok.detach().cpu()
+        self.streak[ok] = 0
+        self.updates[ok] += 1
+
+    def amp(self):
+        """The autocast context of the networks (``autocast`` dtype on the targets' device; off when None)."""
+        dev = self.target.device.type
+        return torch.autocast(dev, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def denoise(self, x_t: torch.Tensor, t, clamp: bool | float = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One counted prior call under the run's autocast: ``(x0_hat, eps_hat)`` in float32."""
+        self.calls["denoiser"] += 1
+        with self.amp():
+            x0, eps = self.prior.denoise(x_t, t, clamp=clamp)
+        return x0.float(), eps.float()
+
+    def features(self, x0: torch.Tensor) -> torch.Tensor:
+        """Extractor features of prior-space x0 (decoded to [0,1] images first)."""
+        self.calls["extractor"] += 1
+        with self.amp():
+            return self.extractor(self.prior.decode(x0)).float()
+
+    def target_at(self, t, mode: str) -> torch.Tensor:
+        """The fiber target at model time ``t``: fixed f(x_ref), or h_t = f(x0_hat(x_ref noised to t))."""
+        if mode == "fixed" or self.ref_latent is None:
+            return self.target
+        if mode != "time":
+            raise ConfigError(f"unknown target mode {mode!r}; use 'fixed' or 'time'")
+        with torch.no_grad():  # once per reference, not once per sample: samples of a fiber share h_t
+            x_t = self.prior.add_noise(self.ref_latent, t, self.ref_noise)
+            x0, _ = self.denoise(x_t, t)
+            return self.features(x0)[self.ref_rows]
+
+    def loss(self, x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample fiber loss ``[M]`` of prior-space x0."""
+        return fiber_distance(self.features(x0), target, self.metric)
+
+    def record(self, loss: torch.Tensor | None, x0: torch.Tensor | None = None) -> None:
+        """End of a step: its per-sample loss ``[M]`` (NaN where none was computed) and, when a trajectory is
+        kept, the decoded x0_hat."""
+        m = self.target.shape[0]
+        self.history.append(loss.detach().float().cpu() if loss is not None else torch.full((m,), float("nan")))
+        if self.trajectory is not None and x0 is not None:
+            self.trajectory.append(self.prior.decode(x0.detach()).cpu())
+
+
+def finite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the rows of ``t`` ``[N,...]`` whose values are all finite."""
+    return torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
