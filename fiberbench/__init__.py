@@ -21,5 +21,5 @@ from .models import list_models, load_clip, load_extractor, load_prior, parse_sp
 from .sampling import METHODS, PRESETS, FiberResult, sample_fiber
 from .version import __version__
 
-__all__ = ["ConfigError", "FiberResult", "baselines", "InputError", "METHODS", "PRESETS", "__version__", "io", "list_models",
-           "load_clip", "load_extractor", "load_prior", "parse_spec", "sample_fiber", "toy"]
+__all__ = ["ConfigError", "FiberResult", "InputError", "METHODS", "PRESETS", "__version__", "baselines", "io",
+           "list_models", "load_clip", "load_extractor", "load_prior", "parse_spec", "sample_fiber", "toy"]

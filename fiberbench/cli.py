@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("train-toy", help="train the shipped toy models from scratch on the CPU")
     q.add_argument("--only", action="append", help="train only this model (repeatable)")
     q.add_argument("--quick", action="store_true", help="a few steps each (smoke test, does not overwrite)")
-    q.add_argument("--minutes", type=float, default=None, help="train each prior for this many minutes instead of replaying the runs in its card")
+    q.add_argument("--minutes", type=float, default=None,
+                   help="train each prior for this many minutes instead of replaying the runs in its card")
     q.add_argument("--threads", type=int, default=None)
     q.set_defaults(fn=_cmd_train_toy)
 

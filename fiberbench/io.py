@@ -173,8 +173,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 f"can execute arbitrary code. torch.load(weights_only=True) rejected it: {why[:200]}. "
                 f"Nothing from the file was run. If you trust its source, convert it to safetensors in a "
                 f"separate environment (load it there, then safetensors.torch.save_file(state_dict, ...)).") from None
+        first_line = text.strip().splitlines()[0][:200] if text.strip() else ""
         raise InputError(f"cannot read checkpoint {path}: not a torch checkpoint, or corrupt/truncated "
-                         f"({type(e).__name__}: {text.strip().splitlines()[0][:200] if text.strip() else ''})") from None
+                         f"({type(e).__name__}: {first_line})") from None
     if isinstance(state, dict):
         for k in _STATE_KEYS:
             if k in state and isinstance(state[k], dict) and state[k] \
@@ -321,7 +322,8 @@ def as_image_batch(images: Any, name: str = "reference") -> torch.Tensor:
     Accepts a ``[3,H,W]`` or ``[B,3,H,W]`` tensor (float in [0,1]; uint8 0..255 and uint16
     0..65535 are scaled; bool is 0/1), ``[H,W]`` / ``[1,H,W]`` grayscale (repeated to RGB),
     2 (gray + alpha) or 4 (RGBA) channels (composited on white), a numpy array (HWC / BHWC when
-    the last axis has 1-4 entries and the first / second axis not 1 or 3, else CHW / BCHW), a PIL image, a path, or a list/tuple of those with one size. NaN/inf
+    the last axis has 1-4 entries and the first / second axis not 1 or 3, else CHW / BCHW), a PIL image, a path,
+    or a list/tuple of those with one size. NaN/inf
     pixels, float values outside [0,1] beyond rounding (±1e-3), other integer dtypes,
     complex values and empty images raise ``InputError`` naming ``name``.
     """
@@ -348,8 +350,9 @@ def as_image_batch(images: Any, name: str = "reference") -> torch.Tensor:
     if x.shape[0] < 1 or x.shape[-1] < 1 or x.shape[-2] < 1:
         raise InputError(f"{name}: empty image batch, shape {shape}")
     if x.shape[1] not in (1, 2, 3, 4):
+        hint_last = "; channels-last? permute to [C,H,W]"
         raise InputError(f"{name}: expected 1, 3 (RGB) or 4 (RGBA) colour channels first ([B,C,H,W] / [C,H,W]), "
-                         f"got shape {shape}" + ("; channels-last? permute to [C,H,W]" if shape[-1] in (1, 3, 4) else ""))
+                         f"got shape {shape}" + (hint_last if shape[-1] in (1, 3, 4) else ""))
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"{name}: contains {bad} NaN or infinite pixel value(s)")

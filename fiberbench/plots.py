@@ -61,7 +61,8 @@ def kaleido_available() -> str | None:
     if kaleido is None:
         return "kaleido is not installed"
     if os.environ.get("BROWSER_PATH"):
-        return None if Path(os.environ["BROWSER_PATH"]).exists() else f"BROWSER_PATH={os.environ['BROWSER_PATH']} missing"
+        browser = os.environ["BROWSER_PATH"]
+        return None if Path(browser).exists() else f"BROWSER_PATH={browser} missing"
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
         if shutil.which(name):
             return None
@@ -585,7 +586,8 @@ def to_matplotlib(fig, *, width: int | None = None, height: int | None = None, d
                         for j, s in enumerate(r):
                             if s:
                                 v = z[i, j]
-                                dark = np.isfinite(v) and (v - (t.zmin or 0)) / ((t.zmax or 1) - (t.zmin or 0) or 1) < 0.6
+                                span = (t.zmax or 1) - (t.zmin or 0) or 1
+                                dark = np.isfinite(v) and (v - (t.zmin or 0)) / span < 0.6
                                 ax.text(j, i, s, ha="center", va="center", fontsize=7,
                                         color="white" if dark else "black")
                 if t.showscale is not False:

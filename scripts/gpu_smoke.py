@@ -127,8 +127,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         build_pipeline(d, cfg)
         build_s = time.perf_counter() - t0
+        size = cfg["extractor_size"]
         ex = fb.load_extractor(f"timm/{cfg['extractor']}@pre_logits", device=dev, pretrained=False,
-                               pretrained_cfg_overlay=dict(input_size=(3, cfg["extractor_size"], cfg["extractor_size"])))
+                               pretrained_cfg_overlay=dict(input_size=(3, size, size)))
         ref = torch.rand(1, 3, cfg["image"], cfg["image"], generator=torch.Generator().manual_seed(0))
         rows = []
         for label, load_kw, amp in [("fp32", {}, None),

@@ -5,7 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(1)  # one thread: batch-invariance checks hold to ~2e-5 (2 threads: 1e-2), and no OpenMP spin under load
+# one thread: batch-invariance checks hold to ~2e-5 (2 threads: 1e-2), and no OpenMP spin under load
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

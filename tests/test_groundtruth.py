@@ -227,7 +227,7 @@ def test_invariance_figure_one_panel_per_method(tmp_path):
     ys = sorted(float(y) for tr in fig.data for y in tr.y)
     assert ys == [0.1, 0.5, 0.6, 0.9]
     assert {a.text for a in fig.layout.annotations} == {"method=ndtm", "method=dps"}
-    info = G.save_report_figure(fig, tmp_path, "inv")
+    G.save_report_figure(fig, tmp_path, "inv")
     assert (tmp_path / "inv.html").stat().st_size > 1000
     with pytest.raises(InputError):
         G.invariance_figure(pairs.drop(columns="estimated"))

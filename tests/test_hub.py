@@ -66,7 +66,8 @@ def timm_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", **TIMM_ARGS,
-                              pretrained_cfg_overlay=dict(input_size=(3, 48, 48), crop_pct=0.9, interpolation="bicubic"))
+                              pretrained_cfg_overlay=dict(input_size=(3, 48, 48), crop_pct=0.9,
+                                                          interpolation="bicubic"))
     d = tmp_path_factory.mktemp("timm") / "tiny-resnet"
     save_for_hf(model, str(d), model_args=TIMM_ARGS, safe_serialization=True)
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
@@ -254,7 +255,8 @@ def test_hf_classifier_hub_cache_and_missing(dinov2_dir, tmp_path):
     assert torch.allclose(ex(x), ref, atol=1e-5)
     with pytest.raises(ConfigError) as e:
         fb.load_extractor("hf/facebook/dinov2-small", cache_dir=str(tmp_path / "empty"))
-    assert "hf/facebook/dinov2-small" in str(e.value) and "huggingface-cli download facebook/dinov2-small" in str(e.value)
+    msg = str(e.value)
+    assert "hf/facebook/dinov2-small" in msg and "huggingface-cli download facebook/dinov2-small" in msg
 
 
 # --------------------------------------------------------------------------- torch modules
@@ -391,7 +393,8 @@ def build_sd3(d: Path) -> None:
     toks = [_clip_tokenizer(d.parent / f"{d.name}-tok{i}") for i in range(2)]
     encs = [_clip_text(t, CLIPTextModelWithProjection, projection_dim=16) for t in toks]
     pieces = ["\u2581", "a", "p", "h", "o", "t", "\u2581a", "\u2581photo"]
-    t5tok = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -float(i)) for i, p in enumerate(pieces)],
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -float(i)) for i, p in enumerate(pieces)]
+    t5tok = T5Tokenizer(vocab=vocab,
                         extra_ids=0)
     t5 = T5EncoderModel(T5Config(vocab_size=len(t5tok), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
     vae = _vae(4)

@@ -84,7 +84,8 @@ def _tiny_open_clip(d: Path, seed: int) -> str:
     import open_clip
     from safetensors.torch import save_file
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     pre = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
            "interpolation": "bicubic", "resize_mode": "shortest"}
@@ -115,7 +116,8 @@ def standins(tmp_path_factory):
     specs["EXTRACTORS"] = [f"timm/{root / 'resnet'}@pre_logits", f"timm/{root / 'dinov2'}@pre_logits"]
     specs["CLIPS"] = [_tiny_open_clip(root / "clip-a", 0), _tiny_open_clip(root / "clip-b", 1)]
     unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=[8, 16],
-                       down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+                       down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                       up_block_types=["AttnUpBlock2D", "UpBlock2D"],
                        norm_num_groups=8, attention_head_dim=8)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(root / "ddpm")
     specs["PRIOR"] = f"diffusers/{root / 'ddpm'}"
@@ -164,7 +166,8 @@ def test_00_quickstart(kernel, tmp_path, clip_spec):
 
 
 def test_01_fiber_gallery(kernel, tmp_path, clip_spec):
-    nb, text = run_notebook(kernel, "01_fiber_gallery", dict(CLIP=clip_spec, N=3, STEPS=3, STORE=str(tmp_path / "store")),
+    params = dict(CLIP=clip_spec, N=3, STEPS=3, STORE=str(tmp_path / "store"))
+    nb, text = run_notebook(kernel, "01_fiber_gallery", params,
                             store_widget_state=True)
     assert number(text, FLOAT + r" samples; median feature distance") == 3
     assert number(text, r"median feature distance " + FLOAT) >= 0

@@ -297,7 +297,8 @@ def test_bad_specs_and_hyperparameters_fail_before_any_model_is_loaded(monkeypat
     ok = dict(prior="toy/prior-fm", extractor="toy/shape-resnet@logits")
     cases = [
         (dict(ok, prior="toy/prior-fn"), r"unknown prior 'toy/prior-fn'.*did you mean \['toy/prior-fm'"),
-        (dict(ok, extractor="toy/shape-resnt@logits"), r"unknown extractor 'toy/shape-resnt'.*did you mean.*shape-resnet"),
+        (dict(ok, extractor="toy/shape-resnt@logits"),
+         r"unknown extractor 'toy/shape-resnt'.*did you mean.*shape-resnet"),
         (dict(ok, extractor="toy/prior-fm"), r"unknown extractor 'toy/prior-fm'"),  # a prior is no extractor
         (dict(ok, extractor="tim/resnet50"), r"unknown model source 'tim'.*did you mean 'timm'"),
         (dict(ok, prior="prior-fm"), r"must look like '<source>/<name>"),
@@ -579,7 +580,8 @@ def test_faults_spread_over_the_run_are_retried_each_time_and_never_add_up_to_a_
     assert float(res.feature_distance[0]) < float(plain.feature_distance[0]) - 0.2
 
 
-@pytest.mark.parametrize("method,kw", [("dps", dict(preset="toy", steps=8, scale=2.0, gamma=GAMMA_ONE_UNGUIDED_STEP)), ("metamer", dict(iters=30))])
+@pytest.mark.parametrize("method,kw", [("dps", dict(preset="toy", steps=8, scale=2.0, gamma=GAMMA_ONE_UNGUIDED_STEP)),
+                                       ("metamer", dict(iters=30))])
 def test_dps_and_metamer_retry_faulty_samples_at_a_smaller_step_and_leave_the_rest_alone(prior_fm, shape_resnet,
                                                                                          method, kw):
     ref, _ = fb.toy.references(1, seed=21)
@@ -923,7 +925,8 @@ def test_no_trust_remote_code_by_default(tmp_path):
     (pipe / "pipeline.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
                                       "from diffusers import DiffusionPipeline\n"
                                       "class MyPipeline(DiffusionPipeline):\n    pass\n")
-    (pipe / "model_index.json").write_text('{"_class_name": ["pipeline", "MyPipeline"], "_diffusers_version": "0.30.0"}')
+    (pipe / "model_index.json").write_text(
+        '{"_class_name": ["pipeline", "MyPipeline"], "_diffusers_version": "0.30.0"}')
     with pytest.raises(ConfigError, match="trust_remote_code=True"):
         fb.load_prior(f"diffusers/{pipe}")
     assert not marker.exists()
@@ -931,7 +934,8 @@ def test_no_trust_remote_code_by_default(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     (hf / "configuration_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
-    (hf / "config.json").write_text('{"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}')
+    (hf / "config.json").write_text(
+        '{"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}')
     with pytest.raises(ConfigError, match="trust_remote_code=True"):
         fb.load_extractor(f"hf/{hf}")
     assert not marker.exists()

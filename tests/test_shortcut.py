@@ -11,7 +11,7 @@ import torch
 from conftest import build_tiny_clip
 
 # notebook helpers of test_notebooks (tests/ is on sys.path under pytest); `kernel` is its module-scoped fixture
-from test_notebooks import FLOAT, kernel, mime_count, number, run_notebook  # noqa: F401
+from test_notebooks import FLOAT, kernel, mime_count, number, run_notebook  # noqa: F401, F811
 
 import fiberbench as fb
 from fiberbench import shortcut as S
@@ -222,7 +222,7 @@ def test_plot_and_gallery(fibers, oracle, tmp_path):
         S.retention_plot(summ.drop(columns="chance"))
 
 
-def test_notebook_07_runs_top_to_bottom(kernel):
+def test_notebook_07_runs_top_to_bottom(kernel):  # noqa: F811 - the fixture imported above
     _needs("shortcut-resnet")
     nb, text = run_notebook(kernel, "07_shortcut_audit", dict(REFERENCES=2, N=2, STEPS=3, N_EVAL=200, N_BOOT=100,
                                                               CLIP=None, SEED=FRESH), timeout=300)

@@ -326,9 +326,12 @@ def fit_translator(extractor, clip, images: torch.Tensor | None = None, ridge: f
     train_cos = float(F.cosine_similarity(x[train] @ a.T + c, y[train], dim=-1).mean())
     held = float(F.cosine_similarity(x[test] @ a.T + c, y[test], dim=-1).mean()) if n_test else float("nan")
     # what predicting the mean training embedding for every image achieves: the bar a translator must clear
-    base = float(F.cosine_similarity(y[train].mean(0, keepdim=True), y[test], dim=-1).mean()) if n_test else float("nan")
+    base = float("nan")
+    if n_test:
+        base = float(F.cosine_similarity(y[train].mean(0, keepdim=True), y[test], dim=-1).mean())
     a, c = _ridge(x, y, ridge)
-    metrics = {"heldout_cosine": held, "baseline_cosine": base, "train_cosine": train_cos, "n_train": int(len(train)), "n_heldout": n_test,
+    metrics = {"heldout_cosine": held, "baseline_cosine": base, "train_cosine": train_cos, "n_train": int(len(train)),
+               "n_heldout": n_test,
                "ridge": ridge, "seed": seed}
     meta = {"extractor": getattr(extractor, "spec", None), "clip": getattr(clip, "spec", None)}
     return Translator(a, c, metrics=metrics, meta=meta)
@@ -550,7 +553,8 @@ def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, c
 
 def sing_summary(frame: pd.DataFrame, by: Sequence[str] = ("extractor", "class", "concept"),
                  **kwargs) -> pd.DataFrame:
-    """Class- or model-level IS/AS: mean and bootstrap CI per group (long format, see :func:`fiberbench.stats.per_class`).
+    """Class- or model-level IS/AS: mean and bootstrap CI per group (long format, see
+    :func:`fiberbench.analysis.stats.per_class`).
 
     ``by=("extractor", "concept")`` gives the model-level aggregate.
     """
@@ -678,7 +682,8 @@ def factor_probe(extractor, images: torch.Tensor, labels: Sequence[Any], *, fact
     test, train = perm[:n_test], perm[n_test:]
     chance = float(np.bincount(y_idx[test.numpy()], minlength=len(classes)).max() / n_test)
     rows = []
-    for space, x in (("full", h), ("principal", decomposition.equivalent(h)), ("null", decomposition.null_component(h))):
+    spaces = (("full", h), ("principal", decomposition.equivalent(h)), ("null", decomposition.null_component(h)))
+    for space, x in spaces:
         a, c = _ridge(x[train], y[train], ridge)
         pred = (x[test] @ a.T + c).argmax(-1).numpy()
         rows.append((getattr(extractor, "spec", None), factor, space, float((pred == y_idx[test.numpy()]).mean()),
@@ -690,7 +695,8 @@ TOY_SING_MODELS = ("toy/shape-resnet@logits", "toy/color-vit@logits")
 
 
 def toy_sing_report(clip, extractors: Sequence[Any] = TOY_SING_MODELS, *, n_fit: int = 1500, n_test: int = 300,
-                    seed: int = 4242, ridge: float = 1e-3, steer_concepts: Sequence[str] = ("a red shape.", "a triangle."),
+                    seed: int = 4242, ridge: float = 1e-3,
+                    steer_concepts: Sequence[str] = ("a red shape.", "a triangle."),
                     steer_images: int = 100, steps: int = 200, n_boot: int = 1000) -> dict[str, pd.DataFrame]:
     """SING on the shapes world, where the truth is known: IS/AS per class toward colour and shape words.
 

@@ -63,7 +63,8 @@ def score_fiber_oracle(result, oracle=None, *, classes: Sequence[str] | None = N
     return df
 
 
-def toy_label_prior(clip: ClipModel, vocab: Vocabulary | None = None, n: int = 1024, seed: int = LABEL_PRIOR_SEED) -> pd.DataFrame:
+def toy_label_prior(clip: ClipModel, vocab: Vocabulary | None = None, n: int = 1024,
+                    seed: int = LABEL_PRIOR_SEED) -> pd.DataFrame:
     """:func:`label_prior` on ``n`` fresh renders of the shapes world (the toy priors' training distribution)."""
     images, _ = references(n, seed)
     return label_prior(clip, images, vocab)

@@ -93,7 +93,8 @@ def scheduler_sigmas(card: dict[str, Any], steps: int) -> torch.Tensor:
 
 @register_sampler("conditional", defaults=CONDITIONAL_DEFAULTS, uses_prior=False, supports_init=False,
                   guided=False, trained=True,
-                  rules={"guidance": dict(kind="real", lo=0.0), "condition": dict(kind="choice", choices=(True, False))})
+                  rules={"guidance": dict(kind="real", lo=0.0),
+                         "condition": dict(kind="choice", choices=(True, False))})
 @torch.no_grad()
 def sample_conditional_flow(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None, *,
                             guidance: float = 2.0, condition: bool = True) -> torch.Tensor:
@@ -145,7 +146,8 @@ def as_prior(model: FeatureConditionedPrior | FeatureConditionedFlow) -> Feature
     return FeatureConditionedPrior(model, build_scheduler(card["scheduler"]), spec=card["spec"], card=card)
 
 
-def sample_conditional(model: FeatureConditionedPrior | FeatureConditionedFlow | None, extractor, reference, n: int = 8, steps: int = 20,
+def sample_conditional(model: FeatureConditionedPrior | FeatureConditionedFlow | None, extractor, reference,
+                       n: int = 8, steps: int = 20,
                        seed: int = 0, guidance: float | None = None, batch_size: int = 64,
                        reference_ids: Sequence[str] | None = None, condition: bool = True) -> FiberResult:
     """Draw ``n`` samples of the conditional generator for each reference, conditioned on ``extractor(ref)``.

@@ -228,7 +228,8 @@ def fiber_factor_stats(samples: pd.DataFrame, prior: pd.DataFrame, *, only_valid
                 if (name, m) not in cache:
                     cache[(name, m)] = expected_plugin_entropy(prior_p[name], m, n_mc, seed) \
                         if prior_p[name].sum() > 0 else np.nan
-                value, baseline, stat = entropy_bits(counts[counts > 0] / counts.sum()), cache[(name, m)], "entropy_ratio"
+                value = entropy_bits(counts[counts > 0] / counts.sum())
+                baseline, stat = cache[(name, m)], "entropy_ratio"
             else:
                 value, baseline, stat = float(col.var(ddof=1)), prior_var[name], "variance_ratio"
             ratio = value / baseline if baseline and baseline > 0 else np.nan

@@ -23,7 +23,8 @@ from .registry import (
                        weights_checksum,
 )
 
-__all__ = ["REAL_MODELS", "SOURCES", "ClipModel", "Extractor", "FeatureConditionedPrior", "FlowNoise", "GaussianPrior", "LatentPrior",
+__all__ = ["REAL_MODELS", "SOURCES", "ClipModel", "Extractor", "FeatureConditionedPrior", "FlowNoise", "GaussianPrior",
+           "LatentPrior",
            "LinearExtractor", "ModelSource", "PixelPrior", "Prior", "Schedule", "Spec", "VPNoise", "canonical_spec",
            "check_spec", "conditional_moments", "list_models", "load_clip", "load_extractor", "load_prior",
            "parse_spec", "register_source", "weights_checksum"]

@@ -39,7 +39,8 @@ class Extractor(nn.Module):
 
     def __init__(self, model: nn.Module, *, spec: str, layer: str = "logits", input_size: int | None = None,
                  mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
-                 interpolation: str = "bilinear", forward_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+                 interpolation: str = "bilinear",
+                 forward_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
                  card: dict[str, Any] | None = None, classes: list[str] | None = None, resize: str = "squash",
                  resize_size: int | None = None, runner: Callable[[nn.Module, torch.Tensor], Any] | None = None):
         super().__init__()
@@ -110,7 +111,8 @@ class Extractor(nn.Module):
         return out.flatten(1).float()
 
     def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """Resize (short side or both sides) to ``resize_size``, then centre-crop ``input_size`` (torchvision's rounding)."""
+        """Resize (short side or both sides) to ``resize_size``, then centre-crop ``input_size`` (torchvision's
+        rounding)."""
         size = self.input_size
         rs = self.resize_size or size
         h, w = x.shape[-2:]

@@ -256,7 +256,8 @@ class VPNoise:
 
 
 class FlowNoise:
-    """Noise schedule of a rectified flow (``x_t = (1 - sigma) x0 + sigma eps``), from ``FlowMatchEulerDiscreteScheduler``."""
+    """Noise schedule of a rectified flow (``x_t = (1 - sigma) x0 + sigma eps``), from a
+    ``FlowMatchEulerDiscreteScheduler``."""
 
     def __init__(self, scheduler):
         self.scheduler = scheduler

@@ -124,7 +124,8 @@ def check_init(init, sampler: Sampler, hp: dict[str, Any]) -> float | None:
         if len(init) != 2 or init[0] != "sdedit" or not 0 < float(init[1]) <= 1000:
             raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star) with 0 < tau_star <= 1000, got {init!r}")
         if not sampler.supports_init:
-            why = "has no prior and so no SDEdit start" if not sampler.uses_prior else "cannot start from an SDEdit init"
+            why = ("has no prior and so no SDEdit start" if not sampler.uses_prior
+                   else "cannot start from an SDEdit init")
             raise ConfigError(f"{sampler.name} {why}; use init='noise'")
         if hp.get("grid_shift"):
             raise ConfigError("grid_shift gives a grid from pure noise; it cannot start from an SDEdit init")

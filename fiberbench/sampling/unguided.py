@@ -1,4 +1,7 @@
-"""``unguided``: plain sampling from the prior (DDIM with ``eta``, the Euler step for flows); the floor of feature match."""
+"""``unguided``: plain sampling from the prior (DDIM with ``eta``, the Euler step for flows).
+
+It is the floor of feature match: what the prior gives with no extractor at all.
+"""
 from __future__ import annotations
 
 import torch

@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import ConfigError, close_matches
 from .nets import build_module
 
-TOY_NAMES = ["prior-fm", "prior-ddpm", "shape-resnet", "color-vit", "oracle", "clip", "shortcut-resnet", "simclr-resnet"]
+TOY_NAMES = ["prior-fm", "prior-ddpm", "shape-resnet", "color-vit", "oracle", "clip", "shortcut-resnet",
+             "simclr-resnet"]
 
 
 def models_dir() -> Path:

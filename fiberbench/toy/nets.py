@@ -74,7 +74,8 @@ def clip_config() -> dict[str, Any]:
     """open_clip custom config of ``toy/clip`` (same schema as open_clip's ``model_configs/*.json``)."""
     return {
         "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 4, "head_width": 32, "mlp_ratio": 2.0},
+        "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "patch_size": 4, "head_width": 32,
+                       "mlp_ratio": 2.0},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3, "mlp_ratio": 2.0},
     }
 

@@ -283,7 +283,8 @@ def caption(factors: pd.DataFrame) -> list[str]:
         if shape in CHIRAL:
             shape = f"{shape} pointing {'left' if row.mirror else 'right'}"
         out.append(
-            f"a {size_word(row.size)} {row.color} {shape} on a {row.background} background, {position_words(row.x, row.y)}")
+            f"a {size_word(row.size)} {row.color} {shape} on a {row.background} background, "
+            f"{position_words(row.x, row.y)}")
     return out
 
 

@@ -105,7 +105,8 @@ class NullSpaceExplorer(W.VBox):
         self.plot_box.children = [self.figure]
         sub = self.scores[self.scores["concept"] == c]
         lead = (sub["image_score"] > 12).mean(), (sub["attribute_score"].abs() > 4).mean()
-        self.summary.value = (f"mean IS {sub['image_score'].mean():.2f}°, mean AS {sub['attribute_score'].mean():+.2f}°; "
+        mean_is, mean_as = sub["image_score"].mean(), sub["attribute_score"].mean()
+        self.summary.value = (f"mean IS {mean_is:.2f}°, mean AS {mean_as:+.2f}°; "
                               f"substantial leakage (IS > 12° or |AS| > 4°, the paper's reading): "
                               f"{lead[0]:.0%} / {lead[1]:.0%} of images")
 
