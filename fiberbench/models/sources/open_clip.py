@@ -16,7 +16,13 @@ from ...errors import ConfigError, close_matches
 from ...identity import file_sha256
 from ..clip import ClipModel
 from ..extractor import Extractor
-from ..hubcache import HUB_WEIGHT_FILES, cached_hub_file, is_missing_weights, weights_unavailable
+from ..hubcache import (
+    HUB_WEIGHT_FILES,
+    cached_hub_file,
+    is_missing_weights,
+    local_or_cached_checksum,
+    weights_unavailable,
+)
 from ..registry import ModelSource, Spec, register_source
 
 
@@ -33,6 +39,9 @@ class OpenClipSource(ModelSource):
 
     def checksum(self, spec: Spec) -> str | None:
         name = spec.name
+        folder = name.split(":", 1)[1] if name.startswith("local-dir:") else name
+        if Path(folder).is_dir():
+            return local_or_cached_checksum(folder, HUB_WEIGHT_FILES)
         if name.startswith("hf-hub:"):
             hit = cached_hub_file(name[len("hf-hub:"):], HUB_WEIGHT_FILES)
             return "sha256:" + file_sha256(hit) if hit else None

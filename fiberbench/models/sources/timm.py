@@ -12,7 +12,13 @@ from ...errors import ConfigError, close_matches
 from ...identity import file_sha256
 from ...io import load_state_dict
 from ..extractor import Extractor
-from ..hubcache import HUB_WEIGHT_FILES, cached_hub_file, is_missing_weights, weights_unavailable
+from ..hubcache import (
+    HUB_WEIGHT_FILES,
+    cached_hub_file,
+    is_missing_weights,
+    local_or_cached_checksum,
+    weights_unavailable,
+)
 from ..registry import ModelSource, Spec, register_source
 
 
@@ -45,7 +51,11 @@ class TimmSource(ModelSource):
         return load_timm_extractor(spec.name, spec.layer, device=device, **kwargs)
 
     def checksum(self, spec: Spec) -> str | None:
-        hit = cached_hub_file(f"timm/{spec.name}", HUB_WEIGHT_FILES)
+        model_name, base = _timm_names(spec.name)
+        if model_name.startswith("local-dir:"):
+            return local_or_cached_checksum(base, HUB_WEIGHT_FILES)
+        repo = base if model_name.startswith("hf-hub:") else f"timm/{base}"
+        hit = cached_hub_file(repo, HUB_WEIGHT_FILES)
         return "sha256:" + file_sha256(hit) if hit else None
 
 
