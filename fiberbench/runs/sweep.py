@@ -105,6 +105,10 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+# one reference of a sweep: (image [1,3,H,W] in [0,1], reference id, columns added to its rows)
+_Reference = tuple[torch.Tensor, str, dict[str, Any]]
+
+
 @dataclass
 class Job:
     """One fiber run: ``n`` samples of one reference's fiber under one model pair, method, setting, seed."""
@@ -145,7 +149,7 @@ class Job:
         return kw
 
 
-def _toy_references(sel: Mapping, where: str, problems: list[str], room: int) -> list[tuple[torch.Tensor, str, dict]]:
+def _toy_references(sel: Mapping, where: str, problems: list[str], room: int) -> list[_Reference]:
     """Render a ``toy`` selection (at most ``room`` images) or add its problems to ``problems``."""
     unknown = sorted((k for k in sel if k not in ("n", "seed", "classes", "per_class", "fixed")), key=str)
     if unknown:
@@ -217,7 +221,8 @@ def _toy_references(sel: Mapping, where: str, problems: list[str], room: int) ->
     return out
 
 
-def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str], room: int):
+def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str],
+                       room: int) -> list[_Reference]:
     """Read a ``folder`` selection (at most ``room`` images) or add its problems to ``problems``."""
     unknown = sorted((k for k in sel if k not in ("path", "glob", "limit", "classes", "per_class", "size")), key=str)
     if unknown:
@@ -292,6 +297,30 @@ def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str]
     return out
 
 
+@dataclass
+class _Plan:
+    """The values of a sweep file other than its references, as read and checked.
+
+    Each field holds the file's value (or its default) even when it is invalid; a problem found is in the
+    ``problems`` list of the check, and jobs are built from a plan only when that list stayed empty.
+    """
+
+    name: str
+    extractors: list[str]  # spec strings, distinct
+    priors: list[str]  # spec strings, distinct
+    methods: list[str]  # names in METHODS, distinct
+    seeds: list[Any]  # integers in [0, 2**63), distinct
+    n: Any  # samples per fiber, in [1, MAX_N]
+    steps: Any  # None (the preset's) or in [1, MAX_STEPS]
+    threads: Any  # None or torch threads per job in [1, 1024]
+    batch_size: Any  # positive integer
+    resources: dict[str, Any]  # num_cpus / num_gpus, finite numbers >= 0
+    preset: str | None  # None also when the file names an unknown preset
+    loss: Any  # None or a name in LOSSES
+    init: Any  # "noise" or ("sdedit", tau_star) with 0 < tau_star <= 1000
+    settings: dict[str, list[dict[str, Any]]]  # method -> its valid hyper-parameter dicts, in grid order
+
+
 def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) -> tuple[str, list[Job]]:
     """Validate a sweep config as a whole and expand it into jobs (with store keys).
 
@@ -302,55 +331,101 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
     """
     raw, base = load_config(source)
     problems: list[str] = []
+    plan = _check_plan(raw, problems)
+    # references last: a toy selection renders its images only when nothing before it was found wrong
+    refs = _expand_references(raw, base, problems)
+    _check_job_count(plan, refs, problems)
+    sums: dict[str, str | None] = {}
+    if checksums and not problems:  # hashing weights is slow: only for a config that is otherwise good
+        sums = _weights_checksums(plan.extractors + plan.priors, problems)
+    if problems:
+        raise ConfigError(f"sweep config has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    jobs = _build_jobs(plan, refs, sums)
+    _check_distinct_keys(jobs)
+    return plan.name, jobs
+
+
+def _check_plan(raw: Mapping[str, Any], problems: list[str]) -> _Plan:
+    """Check every key of ``raw`` but ``references``, adding problems in the order of the file format."""
+    _check_top_keys(raw, problems)
+    name = _check_name(raw, problems)
+    extractors = _check_specs(raw, "extractors", "extractor", problems)
+    priors = _check_specs(raw, "priors", "prior", problems)
+    methods = _check_methods(raw, problems)
+    seeds, n, steps, threads, batch_size = _check_counts(raw, problems)
+    resources = _check_resources(raw, problems)
+    preset, loss, init = _check_sampling(raw, methods, problems)
+    sections, broken = _check_method_sections(raw, methods, problems)
+    settings = _expand_settings(methods, preset, sections, broken, problems)
+    return _Plan(name=name, extractors=extractors, priors=priors, methods=methods, seeds=seeds, n=n, steps=steps,
+                 threads=threads, batch_size=batch_size, resources=resources, preset=preset, loss=loss, init=init,
+                 settings=settings)
+
+
+def _check_top_keys(raw: Mapping[str, Any], problems: list[str]) -> None:
+    """Add a problem per key not in :data:`TOP_KEYS` (sorted), with the closest key as a hint."""
     for k in sorted((k for k in raw if k not in TOP_KEYS), key=str):
         hint = close_matches(str(k), TOP_KEYS)
         problems.append(f"unknown key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + f"; keys: {list(TOP_KEYS)}")
+
+
+def _check_name(raw: Mapping[str, Any], problems: list[str]) -> Any:
+    """The sweep name (default ``"sweep"``); a problem unless it is letters, digits and ``._-``."""
     name = raw.get("name", "sweep")
     try:
         check_name(name, "sweep name")
     except ConfigError as e:
         problems.append(str(e))
+    return name
 
-    def spec_list(key: str, kind: str) -> list[str]:
-        vals = _as_list(raw.get(key) or [])
-        if not vals:
-            problems.append(f"{key!r} is required: a list of {kind} spec strings")
-        out = []
-        for v in vals:
-            if not isinstance(v, str):
-                problems.append(f"{key}: {_show(v)} is not a spec string such as 'toy/shape-resnet@logits'")
-                continue
-            try:
-                s = parse_spec(v)
-            except ConfigError as e:
-                problems.append(f"{key}: {e}")
-                continue
-            if s.source == "toy":
-                known = list_models(kind=kind)
-                if f"toy/{s.name}" not in known:
-                    hint = close_matches(str(v), known)
-                    problems.append(f"{key}: {v!r} is not a toy {kind}; available: {known}"
-                                    + (f"; did you mean {hint[0]!r}?" if hint else ""))
-                    continue
-            elif kind == "prior" and s.source not in ("diffusers",):
-                problems.append(f"{key}: {v!r} is not a prior (priors come from toy/ or diffusers/)")
-                continue
-            elif kind == "extractor" and s.source == "diffusers":
-                problems.append(f"{key}: {v!r} is a prior, not a feature extractor")
-                continue
-            out.append(v)
-        if len(set(out)) != len(out):
-            problems.append(f"{key} has duplicates: {out}")
-        return out
 
-    extractors = spec_list("extractors", "extractor")
-    priors = spec_list("priors", "prior")
+def _check_specs(raw: Mapping[str, Any], key: str, kind: str, problems: list[str]) -> list[str]:
+    """The model spec strings under ``key`` that are ``kind`` ("extractor" or "prior"), in file order.
+
+    Checked without loading anything: toy names against the toy cards, priors only from ``toy/`` or
+    ``diffusers/``, no diffusers pipeline as an extractor. An empty list is a problem, as are duplicates.
+    """
+    vals = _as_list(raw.get(key) or [])
+    if not vals:
+        problems.append(f"{key!r} is required: a list of {kind} spec strings")
+    out = []
+    for v in vals:
+        if not isinstance(v, str):
+            problems.append(f"{key}: {_show(v)} is not a spec string such as 'toy/shape-resnet@logits'")
+            continue
+        try:
+            s = parse_spec(v)
+        except ConfigError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        if s.source == "toy":
+            known = list_models(kind=kind)
+            if f"toy/{s.name}" not in known:
+                hint = close_matches(str(v), known)
+                problems.append(f"{key}: {v!r} is not a toy {kind}; available: {known}"
+                                + (f"; did you mean {hint[0]!r}?" if hint else ""))
+                continue
+        elif kind == "prior" and s.source not in ("diffusers",):
+            problems.append(f"{key}: {v!r} is not a prior (priors come from toy/ or diffusers/)")
+            continue
+        elif kind == "extractor" and s.source == "diffusers":
+            problems.append(f"{key}: {v!r} is a prior, not a feature extractor")
+            continue
+        out.append(v)
+    if len(set(out)) != len(out):
+        problems.append(f"{key} has duplicates: {out}")
+    return out
+
+
+def _check_methods(raw: Mapping[str, Any], problems: list[str]) -> list[str]:
+    """The known sampler names of ``methods`` (default ``[ndtm]``), in file order; unknown ones are problems."""
     methods_raw = raw.get("methods", ["ndtm"])
-    methods: list[str] = []
-    if not _as_list(methods_raw if methods_raw is not None else []):
+    listed = _as_list(methods_raw if methods_raw is not None else [])
+    if not listed:
         problems.append(f"methods must list at least one of {list(METHODS)}, got {_show(methods_raw)}")
-    for m in _as_list(methods_raw if methods_raw is not None else []):
+    methods: list[str] = []
+    for m in listed:
         if not isinstance(m, str) or m not in METHODS:
             hint = close_matches(m, METHODS) if isinstance(m, str) else []
             problems.append(f"methods: unknown method {_show(m)}; choose from {list(METHODS)}"
@@ -359,6 +434,15 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
             methods.append(m)
     if len(set(methods)) != len(methods):
         problems.append(f"methods has duplicates: {methods}")
+    return methods
+
+
+def _check_counts(raw: Mapping[str, Any], problems: list[str]) -> tuple[list[Any], Any, Any, Any, Any]:
+    """``(seeds, n, steps, threads, batch_size)`` with their defaults (``[0]``, 8, None, None, 64).
+
+    Seeds are integers in [0, 2**63) without duplicates, ``n`` in [1, MAX_N], ``steps`` None or in
+    [1, MAX_STEPS], ``threads`` None or in [1, 1024], ``batch_size`` >= 1; anything else is a problem.
+    """
     seeds = _as_list(raw.get("seeds", [0]))
     if not seeds or any(not is_int(s, 0, 2 ** 63 - 1) for s in seeds):
         problems.append(f"seeds must be integers in [0, 2**63), got {_show(raw.get('seeds'))}")
@@ -376,6 +460,11 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
     batch_size = raw.get("batch_size", 64)
     if not is_int(batch_size, 1):
         problems.append(f"batch_size must be a positive integer, got {_show(batch_size)}")
+    return seeds, n, steps, threads, batch_size
+
+
+def _check_resources(raw: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+    """The per-job Ray resources (a copy; ``{}`` when missing or not a mapping): num_cpus, num_gpus >= 0."""
     resources = raw.get("resources") or {}
     if not isinstance(resources, Mapping):
         problems.append(f"resources must be a mapping such as {{num_cpus: 1, num_gpus: 0.5}}, got {_show(resources)}")
@@ -386,6 +475,12 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
             problems.append(f"resources: unknown key {_show(k)}; use num_cpus, num_gpus")
         elif not is_real(v) or v < 0:
             problems.append(f"resources.{k} must be a finite number >= 0, got {_show(v)}")
+    return resources
+
+
+def _check_sampling(raw: Mapping[str, Any], methods: list[str], problems: list[str]) -> tuple[str | None, Any, Any]:
+    """``(preset, loss, init)``: a preset in PRESETS or None, a loss in LOSSES or None, and ``init`` as
+    ``"noise"`` or a tuple ``("sdedit", tau_star)``, 0 < tau_star <= 1000 (not with ``metamer``)."""
     preset = raw.get("preset")
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         problems.append(f"unknown preset {_show(preset)}; presets: {sorted(PRESETS)}")
@@ -404,10 +499,15 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
             problems.append("metamer has no prior and so no SDEdit start; remove it from methods or use init: noise")
     elif init != "noise":
         problems.append(f"init must be 'noise' or [sdedit, tau_star], got {_show(init)}")
+    return preset, loss, init
 
-    # per-method settings: fixed overrides x grid combinations, each checked by the sampler's own resolver
+
+def _check_method_sections(raw: Mapping[str, Any], methods: list[str],
+                           problems: list[str]) -> tuple[dict[str, dict[str, dict]], set[str]]:
+    """The ``hyperparameters`` and ``grid`` sections as ``{section: {method: settings}}`` and the set of
+    methods whose settings cannot be expanded (a body that is not a mapping, a grid value not a list)."""
     sections: dict[str, dict[str, dict]] = {}
-    broken: set[str] = set()  # methods whose grid cannot be expanded
+    broken: set[str] = set()
     for section in ("hyperparameters", "grid"):
         sec = raw.get(section)
         sections[section] = {}
@@ -430,6 +530,13 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
                             problems.append(f"grid.{m}.{k} must be a non-empty list of values, got {_show(v)}")
                             broken.add(m)
                 sections[section][m] = dict(body)
+    return sections, broken
+
+
+def _expand_settings(methods: list[str], preset: str | None, sections: dict[str, dict[str, dict]],
+                     broken: set[str], problems: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per method, the fixed overrides merged into every grid combination (first grid key outermost),
+    keeping those the sampler's own resolver accepts; each rejection is one problem (repeats dropped)."""
     settings: dict[str, list[dict[str, Any]]] = {}
     for m in methods:
         if m in broken:
@@ -452,8 +559,13 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
                     problems.append(msg)
                 continue
             settings[m].append(hp)
+    return settings
 
-    refs: list[tuple[torch.Tensor, str, dict]] = []
+
+def _expand_references(raw: Mapping[str, Any], base: Path, problems: list[str]) -> list[_Reference]:
+    """The references of every selection, in file order, at most :data:`MAX_REFERENCES` in all; folder
+    paths are relative to ``base``. The same reference id twice is a problem."""
+    refs: list[_Reference] = []
     selections = raw.get("references")
     if not selections:
         problems.append("'references' is required: a list of selections such as {toy: {n: 4, seed: 0}} "
@@ -474,43 +586,61 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         problems.append(f"references: the same reference is selected twice: {dup[:10]}")
-    total = len(refs) * len(extractors) * len(priors) * sum(len(v) for v in settings.values()) * len(seeds)
+    return refs
+
+
+def _check_job_count(plan: _Plan, refs: list[_Reference], problems: list[str]) -> None:
+    """A problem if references x extractors x priors x settings x seeds exceeds :data:`MAX_JOBS`."""
+    settings = sum(len(v) for v in plan.settings.values())
+    total = len(refs) * len(plan.extractors) * len(plan.priors) * settings * len(plan.seeds)
     if total > MAX_JOBS:
         problems.append(f"the sweep would run {total} jobs; at most {MAX_JOBS} (fewer references, seeds or "
                         f"grid values)")
 
-    sums: dict[str, str | None] = {}
-    if checksums and not problems:
-        for spec in extractors + priors:
-            try:
-                sums[spec] = weights_checksum(spec)
-            except ConfigError as e:
-                problems.append(str(e))
-    if problems:
-        raise ConfigError(f"sweep config has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
+def _weights_checksums(specs: list[str], problems: list[str]) -> dict[str, str | None]:
+    """``{spec: checksum of its weight files}`` (None where a source has none); missing weights are problems."""
+    sums: dict[str, str | None] = {}
+    for spec in specs:
+        try:
+            sums[spec] = weights_checksum(spec)
+        except ConfigError as e:
+            problems.append(str(e))
+    return sums
+
+
+def _build_jobs(plan: _Plan, refs: list[_Reference], sums: Mapping[str, str | None]) -> list[Job]:
+    """One job per (extractor, prior, method, setting, seed, reference), indexed from 0, with its store key."""
     jobs: list[Job] = []
     # model pair outermost: consecutive jobs (and so each worker's queue) reuse the models already loaded
-    for ext, pri, m in itertools.product(extractors, priors, methods):
-        for hp, seed, (ref, ref_id, cols) in itertools.product(settings[m], seeds, refs):
-            job = Job(index=len(jobs), prior=pri, extractor=ext, method=m, seed=int(seed), n=n, steps=steps,
-                      loss=loss, preset=preset, init=init, hyperparameters=dict(hp),
-                      reference=ref, reference_id=ref_id, columns={"sweep": name, **cols},
-                      checksums={"prior": sums.get(pri), "extractor": sums.get(ext)}, threads=threads,
-                      batch_size=batch_size, resources=resources)
+    for ext, pri, m in itertools.product(plan.extractors, plan.priors, plan.methods):
+        for hp, seed, (ref, ref_id, cols) in itertools.product(plan.settings[m], plan.seeds, refs):
+            job = Job(index=len(jobs), prior=pri, extractor=ext, method=m, seed=int(seed), n=plan.n,
+                      steps=plan.steps, loss=plan.loss, preset=plan.preset, init=plan.init,
+                      hyperparameters=dict(hp), reference=ref, reference_id=ref_id,
+                      columns={"sweep": plan.name, **cols},
+                      checksums={"prior": sums.get(pri), "extractor": sums.get(ext)}, threads=plan.threads,
+                      batch_size=plan.batch_size, resources=plan.resources)
             job.config = run_config(pri, ext, ref, checksums=job.checksums, **job.sample_kwargs())
             job.key = job.config["key"]
             jobs.append(job)
+    return jobs
+
+
+def _check_distinct_keys(jobs: list[Job]) -> None:
+    """``ConfigError`` naming up to 10 pairs of jobs with the same store key: the same run twice, e.g. the
+    same image selected under two names."""
     keys = [j.key for j in jobs]
-    if len(set(keys)) != len(keys):  # e.g. the same image twice under different names
-        seen: dict[str, int] = {}
-        clashes = []
-        for j in jobs:
-            if j.key in seen:
-                clashes.append(f"{jobs[seen[j.key]].label()} == {j.label()}")
-            seen.setdefault(j.key, j.index)
-        raise ConfigError("sweep config has jobs that are the same run:\n" + "\n".join(f"  - {c}" for c in clashes[:10]))
-    return name, jobs
+    if len(set(keys)) == len(keys):
+        return
+    seen: dict[str, int] = {}
+    clashes = []
+    for j in jobs:
+        if j.key in seen:
+            clashes.append(f"{jobs[seen[j.key]].label()} == {j.label()}")
+        seen.setdefault(j.key, j.index)
+    raise ConfigError("sweep config has jobs that are the same run:\n"
+                      + "\n".join(f"  - {c}" for c in clashes[:10]))
 
 
 # --------------------------------------------------------------------------- running one job
