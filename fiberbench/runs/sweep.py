@@ -904,7 +904,7 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
             init_s = time.time() - t_init
         old = torch.get_num_threads()
         torch.set_num_threads(1)
-        t_sweep = [time.time()]
+        t_sweep = time.time()
         try:
             s = run_sweep(cfg, base / label, backend=backend, progress=progress)
         finally:
@@ -913,22 +913,7 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
                 ray.shutdown()
         if s.failed or s.done != jobs:
             raise RuntimeError(f"benchmark sweep {label} did not complete: {s}")
-        task = [o["seconds"] for o in s.outcomes]
-        first = sorted(s.outcomes, key=lambda o: o["started"])
-        per_worker: dict[int, list] = {}
-        for o in first:
-            per_worker.setdefault(o["pid"], []).append(o)
-        steady = [o["seconds"] for w in per_worker.values() for o in w[1:]]  # without each worker's model loads
-        # steady-state per-job cost outside the task: gap between one task's end and the next one's start on
-        # the same worker (dispatch, argument transfer), plus the delay until the driver holds the outcome
-        gaps = [b["started"] - a["finished"] for w in per_worker.values() for a, b in zip(w, w[1:])]
-        lag = [o["received"] - o["finished"] for o in s.outcomes]
-        r = {"wall_s": s.seconds, "jobs_per_min": 60 * jobs / s.seconds, "mean_task_s": sum(task) / len(task),
-             "steady_task_s": sum(steady) / len(steady) if steady else float("nan"), "workers": len(per_worker),
-             "overhead_per_job_s": (s.seconds * len(per_worker) - sum(task)) / jobs,
-             "dispatch_gap_s": float(np.median(gaps)) if gaps else float("nan"),
-             "result_lag_s": float(np.median(lag)),
-             "first_start_s": min(o["started"] for o in s.outcomes) - t_sweep[0]}
+        r = _sweep_timings(s, t_sweep)
         if num_cpus is not None:
             r["ray_init_s"] = init_s
         return r
@@ -938,6 +923,36 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
         res[f"ray{w}"] = timed(f"ray{w}", "ray", num_cpus=w)
     # local again at the end: on a shared machine the spread between the two local runs is the noise floor
     res["local_again"] = timed("local_again", "local")
+    _compare_to_local(res, workers)
+    _compare_tables(res, base, workers)
+    return res
+
+
+def _sweep_timings(s: SweepSummary, t_sweep: float) -> dict[str, Any]:
+    """Throughput and overheads of one completed benchmark sweep (``s.total`` jobs, every one computed)
+    started at ``t_sweep`` (``time.time()``): seconds, jobs/min and the worker count, see :func:`benchmark`."""
+    jobs = s.total
+    task = [o["seconds"] for o in s.outcomes]
+    first = sorted(s.outcomes, key=lambda o: o["started"])
+    per_worker: dict[int, list] = {}
+    for o in first:
+        per_worker.setdefault(o["pid"], []).append(o)
+    steady = [o["seconds"] for w in per_worker.values() for o in w[1:]]  # without each worker's model loads
+    # steady-state per-job cost outside the task: gap between one task's end and the next one's start on
+    # the same worker (dispatch, argument transfer), plus the delay until the driver holds the outcome
+    gaps = [b["started"] - a["finished"] for w in per_worker.values() for a, b in zip(w, w[1:])]
+    lag = [o["received"] - o["finished"] for o in s.outcomes]
+    return {"wall_s": s.seconds, "jobs_per_min": 60 * jobs / s.seconds, "mean_task_s": sum(task) / len(task),
+            "steady_task_s": sum(steady) / len(steady) if steady else float("nan"), "workers": len(per_worker),
+            "overhead_per_job_s": (s.seconds * len(per_worker) - sum(task)) / jobs,
+            "dispatch_gap_s": float(np.median(gaps)) if gaps else float("nan"),
+            "result_lag_s": float(np.median(lag)),
+            "first_start_s": min(o["started"] for o in s.outcomes) - t_sweep}
+
+
+def _compare_to_local(res: dict[str, Any], workers) -> None:
+    """Add ``ratio_to_local`` to every run and the overhead fractions to the Ray runs, relative to the mean
+    of the two local runs (``res["local"]``, ``res["local_again"]``)."""
     base_rate = (res["local"]["jobs_per_min"] + res["local_again"]["jobs_per_min"]) / 2
     base_task = (res["local"]["mean_task_s"] + res["local_again"]["mean_task_s"]) / 2
     for k in ("local", "local_again"):
@@ -947,14 +962,16 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
         r["ratio_to_local"] = r["jobs_per_min"] / base_rate
         r["overhead_fraction"] = r["overhead_per_job_s"] / base_task
         r["steady_overhead_fraction"] = (r["dispatch_gap_s"] + r["result_lag_s"] / max(1, r["workers"])) / base_task
-    # same rows and distances on every backend
+
+
+def _compare_tables(res: dict[str, Any], base: Path, workers) -> None:
+    """Set ``same_table``: every backend's store under ``base`` must hold the same rows and distances."""
     local = Store(base / "local").query()
     res["local_again"]["same_table"] = bool(local.equals(Store(base / "local_again").query()))
     for w in workers:
         other = Store(base / f"ray{w}").query()
         res[f"ray{w}"]["same_table"] = bool(local[["store_key", "sample", "feature_distance"]].equals(
             other[["store_key", "sample", "feature_distance"]]))
-    return res
 
 
 def format_benchmark(res: dict[str, Any]) -> str:
@@ -975,6 +992,7 @@ def format_benchmark(res: dict[str, Any]) -> str:
     for k, r in res.items():
         if isinstance(r, dict) and "ray_init_s" in r:
             lines.append(f"{k}: ray.init {r['ray_init_s']:.1f} s (not counted above); first task started "
-                         f"{r['first_start_s']:.1f} s after the sweep began; dispatch gap {r['dispatch_gap_s'] * 1e3:.0f} ms, "
+                         f"{r['first_start_s']:.1f} s after the sweep began; "
+                         f"dispatch gap {r['dispatch_gap_s'] * 1e3:.0f} ms, "
                          f"result lag {r['result_lag_s'] * 1e3:.0f} ms per job (medians)")
     return "\n".join(lines)
