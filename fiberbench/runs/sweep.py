@@ -43,7 +43,7 @@ import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -305,7 +305,7 @@ class _Plan:
     ``problems`` list of the check, and jobs are built from a plan only when that list stayed empty.
     """
 
-    name: str
+    name: Any  # letters, digits and '._-'
     extractors: list[str]  # spec strings, distinct
     priors: list[str]  # spec strings, distinct
     methods: list[str]  # names in METHODS, distinct
@@ -346,7 +346,8 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
 
 
 def _check_plan(raw: Mapping[str, Any], problems: list[str]) -> _Plan:
-    """Check every key of ``raw`` but ``references``, adding problems in the order of the file format."""
+    """Check every key of ``raw`` but ``references``; problems are added in a fixed order: unknown keys, name,
+    models, methods, counts, resources, preset/loss/init, per-method settings."""
     _check_top_keys(raw, problems)
     name = _check_name(raw, problems)
     extractors = _check_specs(raw, "extractors", "extractor", problems)
@@ -913,7 +914,7 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
                 ray.shutdown()
         if s.failed or s.done != jobs:
             raise RuntimeError(f"benchmark sweep {label} did not complete: {s}")
-        r = _sweep_timings(s, t_sweep)
+        r = _sweep_timings(s, jobs, t_sweep)
         if num_cpus is not None:
             r["ray_init_s"] = init_s
         return r
@@ -928,10 +929,9 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
     return res
 
 
-def _sweep_timings(s: SweepSummary, t_sweep: float) -> dict[str, Any]:
-    """Throughput and overheads of one completed benchmark sweep (``s.total`` jobs, every one computed)
-    started at ``t_sweep`` (``time.time()``): seconds, jobs/min and the worker count, see :func:`benchmark`."""
-    jobs = s.total
+def _sweep_timings(s: SweepSummary, jobs: int, t_sweep: float) -> dict[str, Any]:
+    """Throughput and overheads of a benchmark sweep that computed all its ``jobs`` (>= 1) and started at
+    ``t_sweep`` (``time.time()``): seconds, jobs/min, the worker count (see :func:`benchmark`)."""
     task = [o["seconds"] for o in s.outcomes]
     first = sorted(s.outcomes, key=lambda o: o["started"])
     per_worker: dict[int, list] = {}
@@ -950,7 +950,7 @@ def _sweep_timings(s: SweepSummary, t_sweep: float) -> dict[str, Any]:
             "first_start_s": min(o["started"] for o in s.outcomes) - t_sweep}
 
 
-def _compare_to_local(res: dict[str, Any], workers) -> None:
+def _compare_to_local(res: dict[str, Any], workers: Sequence[int]) -> None:
     """Add ``ratio_to_local`` to every run and the overhead fractions to the Ray runs, relative to the mean
     of the two local runs (``res["local"]``, ``res["local_again"]``)."""
     base_rate = (res["local"]["jobs_per_min"] + res["local_again"]["jobs_per_min"]) / 2
@@ -964,7 +964,7 @@ def _compare_to_local(res: dict[str, Any], workers) -> None:
         r["steady_overhead_fraction"] = (r["dispatch_gap_s"] + r["result_lag_s"] / max(1, r["workers"])) / base_task
 
 
-def _compare_tables(res: dict[str, Any], base: Path, workers) -> None:
+def _compare_tables(res: dict[str, Any], base: Path, workers: Sequence[int]) -> None:
     """Set ``same_table``: every backend's store under ``base`` must hold the same rows and distances."""
     local = Store(base / "local").query()
     res["local_again"]["same_table"] = bool(local.equals(Store(base / "local_again").query()))

@@ -59,7 +59,6 @@ def data_images(root: str | os.PathLike | None = None) -> list[Path]:
 def toy_reference(seed: int = 0, **factors: Any) -> tuple[torch.Tensor, pd.DataFrame]:
     """One shapes-world reference ``([3,32,32] in [0,1], factor row)``; ``factors`` pin shape/colour/…
     (the value ``"any"`` leaves a factor random)."""
-
     df = toy.sample_factors(1, seed=seed)
     for k, v in factors.items():
         if v is not None and v != ANY:
@@ -109,8 +108,6 @@ class FiberGallery(W.VBox):
     def __init__(self, picker=None, *, store: Any = "default", n: int = 8, steps: int | None = None,
                  method: str = "ndtm", seed: int = 0, preset: str | None = "toy", vocab: dict | None = None,
                  threaded: bool = True, preview: int = 8, scale: int = 3, batch_size: int = 64):
-
-
         self.errors: list[str] = []
         self.picker = picker if picker is not None else ModelPicker()
         self.store = self._open_store(store)
@@ -126,7 +123,17 @@ class FiberGallery(W.VBox):
         self._step_calls = 0
         self._last_preview = 0.0
 
-        # reference chooser
+        self._build_reference_chooser(seed)
+        self._build_settings(n=n, steps=steps, method=method, seed=seed, preset=preset)
+        self._build_live_view()
+        self._build_results(scale)
+        self._connect()
+        super().__init__(self._layout())
+        self.add_class("fb-fiber-gallery")
+
+    # ---------------------------------------------------------------- building
+    def _build_reference_chooser(self, seed: int) -> None:
+        """Source toggle, toy factor dropdowns, reference seed, ``data/`` image list, upload, preview."""
         self.ref_source = W.ToggleButtons(options=["toy world", "data/ image", "upload"], value="toy world",
                                           style={"button_width": "110px"})
         self.factor = {k: W.Dropdown(options=[ANY] + [str(v) for v in FACTORS[k]], value=ANY, description=k,
@@ -138,7 +145,9 @@ class FiberGallery(W.VBox):
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
         self.ref_view = W.Box(layout=W.Layout(min_height="100px"))
         self.ref_caption = W.HTML()
-        # settings
+
+    def _build_settings(self, *, n: int, steps: int | None, method: str, seed: int, preset: str | None) -> None:
+        """Method, preset, n (1..256), steps (0..2000, 0 = the preset's) and seed inputs."""
         self.method = W.Dropdown(options=list(METHODS), value=method, description="method",
                                  layout=W.Layout(width="200px"))
         self.preset = W.Dropdown(options=[("none", None)] + [(p, p) for p in PRESETS], value=preset,
@@ -147,6 +156,9 @@ class FiberGallery(W.VBox):
         self.steps = W.BoundedIntText(value=steps or 0, min=0, max=2000, description="steps",
                                       layout=W.Layout(width="160px"))  # 0: the preset's
         self.seed = W.IntText(value=seed, description="seed", layout=W.Layout(width="160px"))
+
+    def _build_live_view(self) -> None:
+        """Run and Stop, the step progress bar, the status line, the x0-hat preview row, the live loss curve."""
         self.run_button = W.Button(description="Run", icon="play", button_style="primary")
         self.stop_button = W.Button(description="Stop", icon="stop", button_style="warning", disabled=True)
         self.run_button.add_class("fb-run")
@@ -161,7 +173,9 @@ class FiberGallery(W.VBox):
             layout=dict(height=220, width=420, margin=dict(l=50, r=10, t=30, b=40), template="plotly_white",
                         title="fiber loss per step (live)", xaxis_title="step", yaxis_title="loss")))
         self.loss_figure.add_class("fb-loss-plot")
-        # results
+
+    def _build_results(self, scale: int) -> None:
+        """The gallery grid (columns fit 32 x ``scale`` pixel images), details, distance chart, message output."""
         self.grid = W.GridBox(layout=W.Layout(grid_template_columns=f"repeat(auto-fill, {32 * scale + 40}px)",
                                               grid_gap="6px"))
         self.grid.add_class("fb-gallery-grid")
@@ -172,6 +186,8 @@ class FiberGallery(W.VBox):
         self.out = W.Output()
         self.out.add_class("fb-output")
 
+    def _connect(self) -> None:
+        """Wire the callbacks and show the initial reference (needs ``self.out`` for its errors)."""
         self.ref_source.observe(self._on_reference_change, names="value")
         for w in (*self.factor.values(), self.ref_seed, self.data_file):
             w.observe(self._on_reference_change, names="value")
@@ -180,32 +196,31 @@ class FiberGallery(W.VBox):
         self.stop_button.on_click(self._on_stop)
         self._on_reference_change()
 
+    def _layout(self) -> list[W.Widget]:
+        """The rows of the widget, top to bottom (see the module docstring)."""
+        factors = list(self.factor.values())
         ref_panel = W.VBox([
             self.ref_source,
-            W.HBox([W.VBox([W.HBox(list(self.factor.values())[:2]), W.HBox(list(self.factor.values())[2:]),
+            W.HBox([W.VBox([W.HBox(factors[:2]), W.HBox(factors[2:]),
                             W.HBox([self.ref_seed, self.data_file]), self.upload]),
                     W.VBox([self.ref_view, self.ref_caption])]),
         ])
         settings = W.HBox([self.method, self.preset, self.n, self.steps, self.seed])
         live = W.HBox([W.VBox([W.HBox([self.run_button, self.stop_button]), self.progress, self.status,
                                self.preview_box]), self.loss_figure])
-        super().__init__([self.picker, ref_panel, settings, live, self.out, self.grid, self.details,
-                          self.distance_box])
-        self.add_class("fb-fiber-gallery")
+        return [self.picker, ref_panel, settings, live, self.out, self.grid, self.details, self.distance_box]
 
     # ---------------------------------------------------------------- reference
     @staticmethod
     def _open_store(store):
         if store is None:
             return None
-
         if isinstance(store, Store):
             return store
         return Store(default_store_root() if store == "default" else store)
 
     def reference(self) -> tuple[torch.Tensor, str, str]:
         """The current reference ``([3,H,W] in [0,1], id, class label)``; ``InputError`` if none is chosen."""
-
         src = self.ref_source.value
         if src == "toy world":
             factors = {k: (w.value == "True" if k == "mirror" and w.value != ANY else w.value)
@@ -224,7 +239,6 @@ class FiberGallery(W.VBox):
 
     def set_reference(self, image: torch.Tensor, label: str = "reference") -> None:
         """Use ``image`` (``[3,H,W]`` in [0,1]) as the reference, as if it had been uploaded."""
-
         self._uploaded = as_image_batch(image, name="reference")[0]
         self.ref_source.value = "upload"
         self._on_reference_change()
@@ -232,8 +246,6 @@ class FiberGallery(W.VBox):
 
     @guarded()
     def _on_upload(self, change=None) -> None:
-
-
         files = self.upload.value
         if not files:
             return
@@ -309,7 +321,6 @@ class FiberGallery(W.VBox):
         self.status.value = "loading models …"
 
     def _settings(self) -> dict[str, Any]:
-
         steps = self.steps.value or (PRESETS[self.preset.value]["steps"] if self.preset.value else 50)
         return dict(n=int(self.n.value), method=self.method.value, steps=int(steps), seed=int(self.seed.value),
                     preset=self.preset.value)
@@ -328,7 +339,6 @@ class FiberGallery(W.VBox):
             self.run_button.disabled, self.stop_button.disabled = False, True
 
     def _run_body(self) -> None:
-
         t0 = time.perf_counter()
         cfg = self._settings()
         ref, ref_id, caption = self.reference()
@@ -357,12 +367,12 @@ class FiberGallery(W.VBox):
         seconds = time.perf_counter() - t0
         self.last_run = {"from_store": from_store, "seconds": seconds, "stopped": False,
                          "store_key": result.config.get("store_key")}
-        where = "loaded from the store" if from_store else f"sampled ({result.config['seconds_per_sample']:.2f} s/sample)"
+        where = ("loaded from the store" if from_store
+                 else f"sampled ({result.config['seconds_per_sample']:.2f} s/sample)")
         self.status.value = (f"<span class='fb-done'>{len(self.frame)} samples {where} in {seconds:.2f} s; "
                              f"median distance {self.frame['feature_distance'].median():.3g}</span>")
 
     def _score(self, result, caption: str) -> pd.DataFrame | None:
-
         try:
             clip = self.picker.load_clip()
         except Exception as e:  # noqa: BLE001 - the gallery still works without CLIP captions
@@ -381,7 +391,6 @@ class FiberGallery(W.VBox):
 
     def _on_step(self, info: dict) -> None:
         """``sample_fiber`` callback: progress, throttled x0-hat preview, loss curve; raises to stop."""
-
         if self._stop.is_set():
             raise RunStopped(f"by the user at step {info['i'] + 1}")
         self._step_calls += 1
@@ -426,11 +435,11 @@ class FiberGallery(W.VBox):
         return " · ".join(parts) + (f"<br><small>{html.escape(short)}</small>" if short else ""), "\n".join(hover)
 
     def _show_gallery(self, result, frame: pd.DataFrame) -> None:
-
         groups = self._groups(frame)
         n = result.n
         ref_cell = W.VBox([image_widget(result.reference[0], scale=self.scale),
-                           W.HTML(caption_html("<b>reference</b>", "the reference image"))], layout=W.Layout(border="3px solid #d62728", padding="2px"))
+                           W.HTML(caption_html("<b>reference</b>", "the reference image"))],
+                          layout=W.Layout(border="3px solid #d62728", padding="2px"))
         ref_cell.add_class("fb-gallery-cell")
         ref_cell.add_class("fb-gallery-reference")
         cells = [ref_cell]
@@ -467,7 +476,6 @@ class FiberGallery(W.VBox):
     @guarded()
     def show_details(self, sample: int) -> None:
         """Show the attribute deltas of sample ``sample`` (of the first reference) in the details panel."""
-
         if self.frame is None:
             raise InputError("run the sampler first")
         rows = self.frame[(self.frame["reference"] == 0) & (self.frame["sample"] == sample)]
@@ -486,5 +494,4 @@ class FiberGallery(W.VBox):
 
 
 def _figure_widget(fig):
-
     return go.FigureWidget(fig)
