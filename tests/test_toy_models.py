@@ -98,7 +98,8 @@ def test_prior_validity_quick(name, oracle):
                    seed=FRESH)
     assert m["valid"] >= 0.90, m
     assert m["noisy"] <= 0.05, m  # prior-ddpm with x0 limited to [-3, 3] instead of [-2, 2]: 0.07 grainy (seed 777)
-    if name == "prior-ddpm":  # the full marginal bar; the card's sampler keeps the background (0.25 with the trailing grid)
+    # the full marginal bar; the card's sampler keeps the background (0.25 with the trailing grid)
+    if name == "prior-ddpm":
         assert m["tv_max"] <= 0.10, m
 
 
@@ -284,3 +285,32 @@ def test_train_prior_recipe_quick_runs_the_sequence(tmp_path):
     ddpm = train_prior_recipe("prior-ddpm", root=tmp_path, quick=True, log=lambda s: None)
     assert ddpm["initialised_from"] == {"model": "prior-fm", "steps": 2 * n, "seconds": fm["training"]["seconds"]}
     assert ddpm["training"]["steps"] == 2 * len(PRIOR_RECIPES["prior-ddpm"])
+
+
+def test_train_loop_stops_at_the_stop_file_and_saves_the_ema(tmp_path):
+    """The one training loop: ``<root>/<name>.stop`` ends a run at the next multiple of 25 steps (and is removed);
+    weights and card are saved every ``save_every`` steps and at the end, the EMA's weights when there is one."""
+    from safetensors.torch import load_file
+
+    from fiberbench.training.loop import TrainLoop
+
+    net = torch.nn.Linear(2, 1)
+    saved = []
+    loop = TrainLoop("tiny", net, lr=1e-2, schedule="warmup", warmup=10, ema_decay=0.9, minutes=5.0, save_every=20,
+                     root=tmp_path, log=lambda s: None)
+
+    def step_fn(step):
+        if step == 30:
+            (tmp_path / "tiny.stop").touch()
+        return net(torch.ones(4, 2)).pow(2).mean(), {"step": float(step)}
+
+    def training(lp, final):
+        saved.append((lp.step, final))
+        return {"steps": lp.step, "finished": final, "last_step": lp.recent("step", 1)}
+
+    card = loop.run(step_fn, {"name": "tiny"}, training)
+    assert saved == [(20, False), (40, False), (50, True)]
+    assert card["training"] == {"steps": 50, "finished": True, "last_step": 49.0} and card["parameters"] == 3
+    assert M.read_card("tiny", tmp_path) == card and not (tmp_path / "tiny.stop").exists()
+    weights = load_file(str(M.weights_path("tiny", tmp_path)))
+    assert torch.equal(weights["weight"], loop.ema.shadow.weight) and not torch.equal(weights["weight"], net.weight)

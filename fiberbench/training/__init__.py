@@ -29,7 +29,8 @@ def train_all(only: list[str] | None = None, quick: bool = False, minutes: float
     Order: the oracle first (it judges the priors), then classifiers, CLIP and the priors.
     ``quick`` runs a few steps into a temporary folder (a smoke test that never overwrites).
     """
-    names = only or ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm", "shortcut-resnet", "simclr-resnet"]
+    names = only or ["oracle", "shape-resnet", "color-vit", "clip", "prior-fm", "prior-ddpm", "shortcut-resnet",
+                     "simclr-resnet"]
     unknown = set(names) - set(TOY_NAMES)
     if unknown:
         raise ConfigError(f"unknown toy model(s) {sorted(unknown)}; choose from {TOY_NAMES}")

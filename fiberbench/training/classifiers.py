@@ -1,7 +1,6 @@
 """Training the toy classifiers (supervised, with augmentation) and the SimCLR encoder (self-supervised)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,10 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..seeds import TRAIN_SEED_BASE
-from ..toy import cards
 from ..toy.nets import build_timm, resnet_config, vit_config
 from ..toy.world import FACTORS, factor_index, render, sample_factors
-from .loop import env
+from .loop import TrainLoop, env
 
 
 def _augment(f, factor_names: list[str], seed: int):
@@ -65,36 +63,30 @@ def classifier_card(name: str) -> dict[str, Any]:
 def train_classifier(name: str, *, steps: int = 1500, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                      bias: dict | None = None, root: Path | None = None,
                      log: Callable[[str], None] = print) -> dict:
-    """Train a toy classifier on fresh renders; augmentation by resampling nuisance factors."""
+    """Train a toy classifier on fresh renders; augmentation by resampling nuisance factors.
+
+    ``bias`` (see :func:`~fiberbench.toy.sample_factors`) pairs factors in the training world. Returns the card.
+    """
     torch.manual_seed(seed)
     card = classifier_card(name)
     target = card["target"]
     net = build_timm(card["architecture"]["config"])
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    t0 = time.time()
-    net.train()
-    for step in range(steps):
+    loop = TrainLoop(name, net, lr=lr, schedule="onecycle", weight_decay=0.05, max_steps=steps, root=root, log=log)
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         f = sample_factors(batch, TRAIN_SEED_BASE + 7919 * (seed + 1) + step, bias=bias)
         f = _augment(f, card["augment"], TRAIN_SEED_BASE + step)
         x = (render(f) - 0.5) / 0.5
         y = torch.from_numpy(factor_index(f, target))
-        loss = F.cross_entropy(net(x), y, label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if (step + 1) % 100 == 0:
-            log(f"[{name}] step {step + 1} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-    card["training"] = {"steps": steps, "batch": batch, "optimizer": "AdamW + OneCycle", "lr": lr,
-                        "label_smoothing": 0.05, "seed": seed, "seconds": round(time.time() - t0, 1),
-                        "data": f"fresh renders every step, {steps * batch} images in all",
-                        "bias": bias, "env": env()}
-    card["parameters"] = cards.count_params(net)
-    cards.save_weights(name, net.eval(), root)
-    cards.write_card(name, card, root)
-    return card
+        return F.cross_entropy(net(x), y, label_smoothing=0.05), {}
+
+    def training(lp: TrainLoop, final: bool) -> dict[str, Any]:
+        return {"steps": lp.step, "batch": batch, "optimizer": "AdamW + OneCycle", "lr": lr,
+                "label_smoothing": 0.05, "seed": seed, "seconds": round(lp.seconds(), 1),
+                "data": f"fresh renders every step, {lp.step * batch} images in all",
+                "bias": bias, "env": env()}
+
+    return loop.run(step_fn, card, training)
 
 
 # --------------------------------------------------------------------------- self-supervised encoder
@@ -135,34 +127,27 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def train_encoder(name: str, *, steps: int = 600, batch: int = 128, lr: float = 2e-3, temperature: float = 0.2,
                   seed: int = 0, root: Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train a toy SimCLR encoder on fresh scenes; each step renders two views per scene (``ENCODERS[name]``)."""
+    """Train a toy SimCLR encoder on fresh scenes; each step renders two views per scene (``ENCODERS[name]``).
+
+    A batch is ``batch`` scenes, ``2 * batch`` images. Returns the card.
+    """
     torch.manual_seed(seed)
     card = encoder_card(name)
     net = build_timm(card["architecture"]["config"])
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    t0 = time.time()
-    losses = []
-    net.train()
-    for step in range(steps):
+    loop = TrainLoop(name, net, lr=lr, schedule="onecycle", weight_decay=0.05, max_steps=steps, log_every=50,
+                     root=root, log=log)
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         f = sample_factors(batch, TRAIN_SEED_BASE + 3_000_000 + 7919 * seed + step)
         views = [_augment(f, card["augment"], TRAIN_SEED_BASE + 3_500_000 + 2 * step + v) for v in (0, 1)]
         x = (render(pd.concat(views, ignore_index=True)) - 0.5) / 0.5
-        loss = nt_xent(net(x), temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if (step + 1) % 50 == 0:
-            log(f"[{name}] step {step + 1} loss {np.mean(losses[-50:]):.4f} {time.time() - t0:.0f}s")
-    card["training"] = {"steps": steps, "batch": batch, "views": 2, "objective": "SimCLR NT-Xent (InfoNCE)",
-                        "temperature": temperature, "optimizer": "AdamW + OneCycle", "lr": lr, "seed": seed,
-                        "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-50:])),
-                        "data": f"fresh scenes every step, {steps * batch} scenes x 2 views in all",
-                        "env": env()}
-    card["parameters"] = cards.count_params(net)
-    cards.save_weights(name, net.eval(), root)
-    cards.write_card(name, card, root)
-    return card
+        return nt_xent(net(x), temperature), {}
+
+    def training(lp: TrainLoop, final: bool) -> dict[str, Any]:
+        return {"steps": lp.step, "batch": batch, "views": 2, "objective": "SimCLR NT-Xent (InfoNCE)",
+                "temperature": temperature, "optimizer": "AdamW + OneCycle", "lr": lr, "seed": seed,
+                "seconds": round(lp.seconds(), 1), "final_loss": lp.recent("loss", 50),
+                "data": f"fresh scenes every step, {lp.step * batch} scenes x 2 views in all",
+                "env": env()}
+
+    return loop.run(step_fn, card, training)

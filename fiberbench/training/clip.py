@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from ..seeds import TRAIN_SEED_BASE
-from ..toy import cards
 from ..toy.nets import build_clip, clip_config
 from ..toy.vocab import TOY_VOCAB, toy_tokenizer
 from ..toy.world import CHIRAL, caption, position_words, render, sample_factors, size_word
-from .loop import cosine_lr, env
+from .loop import TrainLoop, env
 
 
 def clip_card() -> dict[str, Any]:
@@ -82,7 +80,10 @@ def _match_matrix(f, facts: list[dict[str, Any]]) -> torch.Tensor:
 
 def train_clip(*, steps: int = 2500, batch: int = 256, lr: float = 1e-3, seed: int = 0, root: Path | None = None,
                log: Callable[[str], None] = print) -> dict:
-    """Contrastive training with *known positives*: a caption is a positive for every image it truthfully describes."""
+    """Contrastive training with *known positives*: a caption is a positive for every image it truthfully describes.
+
+    A batch is ``batch`` renders with one caption each; the weights are saved as fp16. Returns the card.
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(TRAIN_SEED_BASE + 99 + seed)
     card = clip_card()
@@ -91,12 +92,11 @@ def train_clip(*, steps: int = 2500, batch: int = 256, lr: float = 1e-3, seed: i
     tok = toy_tokenizer(cfg["text_cfg"]["context_length"])
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in net.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    t0 = time.time()
-    net.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 100)
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
+    loop = TrainLoop("clip", net, lr=lr, schedule="cosine", warmup=100, param_groups=groups, max_steps=steps,
+                     half=True, root=root, log=log)
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         f = sample_factors(batch, TRAIN_SEED_BASE + 500_000 + step)
         x = (render(f) - 0.5) / 0.5
         caps, facts = _captions_with_facts(f, rng)
@@ -106,20 +106,16 @@ def train_clip(*, steps: int = 2500, batch: int = 256, lr: float = 1e-3, seed: i
         logits = net.logit_scale.exp() * img @ txt.T
         li = -(match / match.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
         lt = -(match / match.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0).mean()
-        loss = (li + lt) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            net.logit_scale.clamp_(0, math.log(100))
-        if (step + 1) % 100 == 0:
-            log(f"[clip] step {step + 1} loss {loss.item():.4f} {time.time() - t0:.0f}s")
-    card["training"] = {"steps": steps, "batch": batch, "lr": lr, "schedule": "cosine, 100 warm-up", "seed": seed,
-                        "objective": "symmetric InfoNCE with known positives (match matrix from factors)",
-                        "seconds": round(time.time() - t0, 1),
-                        "data": f"fresh renders + captions every step, {steps * batch} pairs in all", "env": env()}
-    card["parameters"] = cards.count_params(net)
-    cards.save_weights("clip", net.eval(), root, half=True)
-    cards.write_card("clip", card, root)
-    return card
+        return (li + lt) / 2, {}
+
+    @torch.no_grad()
+    def clamp_temperature() -> None:  # as CLIP: a logit scale above 100 destabilises training
+        net.logit_scale.clamp_(0, math.log(100))
+
+    def training(lp: TrainLoop, final: bool) -> dict[str, Any]:
+        return {"steps": lp.step, "batch": batch, "lr": lr, "schedule": "cosine, 100 warm-up", "seed": seed,
+                "objective": "symmetric InfoNCE with known positives (match matrix from factors)",
+                "seconds": round(lp.seconds(), 1),
+                "data": f"fresh renders + captions every step, {lp.step * batch} pairs in all", "env": env()}
+
+    return loop.run(step_fn, card, training, after_step=clamp_temperature)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from ..analysis.toy_scores import oracle_fiber_metrics
 from ..baselines.conditional import EXTRACTOR, LAYERS, NAME, SPEC, as_prior, sample_conditional
 from ..errors import ConfigError
-from ..models import FeatureConditionedPrior, load_extractor, load_prior
+from ..models import Extractor, FeatureConditionedPrior, load_extractor, load_prior
 from ..seeds import CONDITIONAL_EVAL_SEED, FEATURE_STATS_SEED, TRAIN_SEED_BASE
 from ..toy import balanced_references, cards, load_oracle
 from ..toy.nets import FeatureConditionedFlow, build_unet
-from .loop import EMA, env, warmup_step, world_batch
+from .loop import StepFn, TrainLoop, env, world_batch
 
 
 def card_template(unet_cfg: dict, dims: dict[str, int], hidden: int, shift: float) -> dict[str, Any]:
@@ -89,45 +89,25 @@ def train_conditional(*, minutes: float = 22.0, max_steps: int | None = None, ba
     card["initialised_from"] = {"model": "toy/prior-fm", "steps": src.get("training", {}).get("steps"),
                                 "seconds": src.get("training", {}).get("seconds"),
                                 "sha256": hashlib.sha256(Path(init_weights).read_bytes()).hexdigest()}
-    ema = EMA(net, ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    loop = TrainLoop(NAME, net, lr=lr, schedule="warmup", warmup=warmup, ema_decay=ema_decay, bf16=bf16,
+                     max_steps=max_steps, minutes=minutes, save_every=save_every, log_every=25, root=root, log=log)
     gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    step, losses, flows, fibers = 0, [], [], []
-    layer_names = list(dims)
+    step_fn = conditional_step(net, ext, loop, gen, batch, fiber_lambda, fiber_max_sigma, cond_dropout)
+    settings = {"fiber_lambda": fiber_lambda, "fiber_max_sigma": fiber_max_sigma, "cond_dropout": cond_dropout,
+                "batch": batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay, "bf16": bf16, "seed": seed}
+    return loop.run(step_fn, card, partial(conditional_training, settings, list(dims)))
 
-    def save(final: bool) -> None:
-        card["training"] = {
-            "objective": "flow matching (velocity MSE) + fiber_lambda * mean over the batch of (1 - sigma) * "
-                         "(1 - cos(f(x0_hat), f(x0))) for conditioned samples with sigma < fiber_max_sigma "
-                         "(others 0), x0_hat = x_t - sigma v, cosine in the sample's conditioning layer",
-            "fiber_weight": "(1 - sigma) for sigma < fiber_max_sigma, 0 above",
-            "extractor": EXTRACTOR, "condition_layers": layer_names, "layer_choice": "uniform per sample",
-            "fiber_lambda": fiber_lambda, "fiber_max_sigma": fiber_max_sigma, "cond_dropout": cond_dropout,
-            "batch": batch, "optimizer": "AdamW", "lr": lr, "warmup_steps": warmup, "grad_clip": 1.0,
-            "ema_decay": ema_decay, "autocast": "bf16" if bf16 else None, "steps": step, "seed": seed,
-            "seconds": round(time.time() - t0, 1),
-            "final_loss": float(np.mean(losses[-200:])) if losses else None,
-            "final_flow_loss": float(np.mean(flows[-200:])) if flows else None,
-            "final_fiber_loss": float(np.nanmean(fibers[-200:])) if fibers else None,
-            "data": f"fresh renders every step: sample_factors(batch, {TRAIN_SEED_BASE} + 2000000 + step), "
-                    f"{step * batch} images in all",
-            "env": env(), "finished": final,
-        }
-        card["parameters"] = cards.count_params(net)
-        cards.save_weights(NAME, ema.shadow, root)
-        cards.write_card(NAME, card, root)
 
-    stop_file = (root or cards.models_dir()) / f"{NAME}.stop"
-    while True:
-        if max_steps is not None and step >= max_steps:
-            break
-        if max_steps is None and time.time() - t0 > minutes * 60:
-            break
-        if step % 25 == 0 and stop_file.exists():
-            stop_file.unlink()
-            log(f"[{NAME}] stop file found at step {step}")
-            break
+def conditional_step(net: FeatureConditionedFlow, ext: Extractor, loop: TrainLoop, gen: torch.Generator, batch: int,
+                     fiber_lambda: float, fiber_max_sigma: float, cond_dropout: float) -> StepFn:
+    """The loss of one step on ``batch`` fresh renders: the flow loss, plus the fiber term (see
+    :func:`train_conditional`); logs ``flow`` and ``fiber`` (mean ``1 - cos`` of the selected rows, NaN if none).
+
+    Every draw comes from ``gen``: noise, sigma, the layer per sample, the condition dropout.
+    """
+    head = ext.classifier()
+
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         img, _ = world_batch(batch, 2_000_000 + step)  # seeds disjoint from the prior's training stream
         with torch.no_grad():
             pre = ext.pre_logits(img).float()
@@ -139,44 +119,52 @@ def train_conditional(*, minutes: float = 22.0, max_steps: int | None = None, ba
         keep = torch.rand(batch, generator=gen) >= cond_dropout
         s4 = sigma.view(-1, 1, 1, 1)
         xt = (1 - s4) * x0 + s4 * noise
-        target = noise - x0
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with loop.autocast():
             emb = torch.where(which.view(-1, 1), net.embed(feats["logits"], "logits", keep),
                               net.embed(feats["pre_logits"], "pre_logits", keep))
             pred = net(xt, sigma * 1000, emb).float()
-        flow = F.mse_loss(pred, target)
-        loss = flow
+        flow = F.mse_loss(pred, noise - x0)
         sel = keep & (sigma < fiber_max_sigma)
-        fib_val = float("nan")
-        if fiber_lambda > 0 and bool(sel.any()):
-            x0_hat = xt[sel] - s4[sel] * pred[sel]
-            im = ((x0_hat + 1) / 2).clamp(0, 1)
-            p_hat = ext.pre_logits(im).float()
-            l_hat = head(p_hat)
-            w = which[sel]
-            cos = torch.where(w, F.cosine_similarity(l_hat, feats["logits"][sel], dim=-1),
-                              F.cosine_similarity(p_hat, feats["pre_logits"][sel], dim=-1))
-            fib = ((1 - sigma[sel]) * (1 - cos)).sum() / batch  # over the whole batch: rows outside count 0
-            loss = loss + fiber_lambda * fib
-            fib_val = float((1 - cos).detach().mean())
-        warmup_step(opt, net, loss, step, lr, warmup, ema, step)
-        losses.append(loss.item())
-        flows.append(flow.item())
-        fibers.append(fib_val)
-        step += 1
-        if step % 25 == 0:
-            log(f"[{NAME}] step {step} loss {np.mean(losses[-25:]):.4f} flow {np.mean(flows[-25:]):.4f} "
-                f"fiber(1-cos, s<{fiber_max_sigma}) {np.nanmean(fibers[-25:]):.4f} {time.time() - t0:.0f}s")
-        if step % save_every == 0:
-            save(False)
-    save(True)
-    return card
+        if fiber_lambda <= 0 or not bool(sel.any()):
+            return flow, {"flow": flow.item(), "fiber": float("nan")}
+        # the fiber term on the predicted clean image x0_hat = x_t - sigma v, in fp32 (outside autocast)
+        im = ((xt[sel] - s4[sel] * pred[sel] + 1) / 2).clamp(0, 1)
+        p_hat = ext.pre_logits(im).float()
+        cos = torch.where(which[sel], F.cosine_similarity(head(p_hat), feats["logits"][sel], dim=-1),
+                          F.cosine_similarity(p_hat, feats["pre_logits"][sel], dim=-1))
+        fib = ((1 - sigma[sel]) * (1 - cos)).sum() / batch  # over the whole batch: rows outside count 0
+        return flow + fiber_lambda * fib, {"flow": flow.item(), "fiber": float((1 - cos).detach().mean())}
+
+    return step_fn
+
+
+def conditional_training(settings: dict[str, Any], layers: list[str], loop: TrainLoop,
+                         final: bool) -> dict[str, Any]:
+    """The ``training`` section of the card (``settings``: the hyper-parameters of :func:`train_conditional`)."""
+    return {
+        "objective": "flow matching (velocity MSE) + fiber_lambda * mean over the batch of (1 - sigma) * "
+                     "(1 - cos(f(x0_hat), f(x0))) for conditioned samples with sigma < fiber_max_sigma "
+                     "(others 0), x0_hat = x_t - sigma v, cosine in the sample's conditioning layer",
+        "fiber_weight": "(1 - sigma) for sigma < fiber_max_sigma, 0 above",
+        "extractor": EXTRACTOR, "condition_layers": layers, "layer_choice": "uniform per sample",
+        "fiber_lambda": settings["fiber_lambda"], "fiber_max_sigma": settings["fiber_max_sigma"],
+        "cond_dropout": settings["cond_dropout"], "batch": settings["batch"], "optimizer": "AdamW",
+        "lr": settings["lr"], "warmup_steps": settings["warmup"], "grad_clip": 1.0,
+        "ema_decay": settings["ema_decay"], "autocast": "bf16" if settings["bf16"] else None, "steps": loop.step,
+        "seed": settings["seed"], "seconds": round(loop.seconds(), 1),
+        "final_loss": loop.recent("loss", 200), "final_flow_loss": loop.recent("flow", 200),
+        "final_fiber_loss": loop.recent("fiber", 200, nan=True),
+        "data": f"fresh renders every step: sample_factors(batch, {TRAIN_SEED_BASE} + 2000000 + step), "
+                f"{loop.step * settings['batch']} images in all",
+        "env": env(), "finished": final,
+    }
 
 
 # --------------------------------------------------------------------------- evaluation (the card's metrics)
 
-def evaluate_conditional(model: FeatureConditionedPrior | FeatureConditionedFlow | None = None, *, references: int = 16, n: int = 8,
-                         steps: int = 20, seed: int = CONDITIONAL_EVAL_SEED, guidance: float | None = None) -> dict[str, Any]:
+def evaluate_conditional(model: FeatureConditionedPrior | FeatureConditionedFlow | None = None, *,
+                         references: int = 16, n: int = 8, steps: int = 20, seed: int = CONDITIONAL_EVAL_SEED,
+                         guidance: float | None = None) -> dict[str, Any]:
     """Card metrics on fresh references (shapes cycled): per conditioning layer ``feature_match`` (cosine >= 0.95),
     ``mean_cosine``, ``validity`` (oracle), ``shape_kept`` and ``color_changed``; and the same model with the
     null condition (``unconditional_*``: what the conditioning buys). ``guidance=None``: the card's default."""

@@ -28,7 +28,8 @@ from ..toy.oracle import load_oracle
 from ..toy.vocab import TOY_VOCAB
 from ..toy.world import CHIRAL, CONTINUOUS, DISCRETE, FACTORS, render, sample_factors
 
-PRIOR_EVAL_N = 2048  # the bars' ">= 2 000 images": at 512, mirror (chiral shapes only, ~128 per side) has a TV noise floor near 0.1
+# the bars' ">= 2 000 images": at 512, mirror (chiral shapes only, ~128 per side) has a TV noise floor near 0.1
+PRIOR_EVAL_N = 2048
 
 
 def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int = EVAL_SEED) -> dict[str, Any]:
@@ -63,8 +64,8 @@ def eval_prior(prior, oracle, n: int = PRIOR_EVAL_N, steps: int = 20, seed: int 
     out["tv_max"] = max(v for k, v in out.items() if k.startswith("tv_"))
     other = oracle.predict(render(sample_factors(n, seed + 8)))
     noise = [total_variation(data[c], other[c], FACTORS[c]) for c in DISCRETE if c != "mirror"]
-    noise.append(total_variation(data[data["shape"].isin(CHIRAL)]["mirror"], other[other["shape"].isin(CHIRAL)]["mirror"],
-                                 FACTORS["mirror"]))
+    noise.append(total_variation(data[data["shape"].isin(CHIRAL)]["mirror"],
+                                 other[other["shape"].isin(CHIRAL)]["mirror"], FACTORS["mirror"]))
     noise += [total_variation(data[c], other[c], FACTORS[c], bins=5) for c in CONTINUOUS]
     out["tv_noise_max"] = max(noise)
     out["seconds_per_sample"] = res.config["seconds_per_sample"]

@@ -1,11 +1,10 @@
 """Training the two toy priors: rectified flow (``prior-fm``) and DDPM (``prior-ddpm``), and their recipes."""
 from __future__ import annotations
 
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
@@ -14,7 +13,7 @@ from ..errors import ConfigError
 from ..seeds import TRAIN_SEED_BASE
 from ..toy import cards
 from ..toy.nets import build_unet, unet_config
-from .loop import EMA, env, warmup_step, world_batch
+from .loop import StepFn, TrainLoop, env, world_batch
 
 LOWFREQ_SNR_CAP = 2000.0  # 1/SNR at tau ~985 (cosine schedule); above it the pooled x0 target is mostly noise
 
@@ -39,7 +38,7 @@ def ddpm_loss(pred: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, snr_wei
     return loss
 
 
-# The DDPM prior's own sampler (the unguided sampler's hyper-parameters; docs/performance.md, fifth stop):
+# The DDPM prior's own sampler (the unguided sampler's hyper-parameters; the probes are in docs/performance.md):
 # - eta 1 (ancestral) below tau 925: at 20 steps deterministic DDIM of this epsilon model smears the layout
 #   (valid 0.53 on 256 samples, shift-3 grid, eta 0 throughout);
 # - deterministic (eta 0) above tau 925 on the shift-3 grid: the background (a global 3-way choice) is decided
@@ -48,10 +47,10 @@ def ddpm_loss(pred: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, snr_wei
 #   0.30 at tau 950, 0.16 for prior-fm) that clamping to [-1, 1] turns into a pull of black and white toward gray;
 # - but clamped to [-2, 2] there: with no clamp at all, a few far-out x0 values leave grain in 9 % of the samples
 #   (residual_noise > 0.02; 1.8 % with the [-2, 2] limit, 0 with [-1.5, 1.5] at a larger gray excess).
-# Those numbers were measured on the 7.5k-step network of the earlier recipe (2048 samples: background TV 0.070,
-# 0.25 with the trailing grid and eta 1 throughout, 0.029 with no limit; valid 0.958; grainy 0.021). The shipped
-# network (2000 steps from prior-fm with clip(1/SNR, 1, 50) weighting, the recipe below) with this sampler, 2048
-# samples: valid 0.930, grainy 0.041, background TV 0.057, size TV 0.093, tv_max 0.093.
+# Those numbers were measured on a 7.5k-step network trained with plain epsilon MSE (2048 samples: background
+# TV 0.070, 0.25 with the trailing grid and eta 1 throughout, 0.029 with no limit; valid 0.958; grainy 0.021). The
+# shipped network (2000 steps from prior-fm with clip(1/SNR, 1, 50) weighting, the recipe below) with this sampler,
+# 2048 samples: valid 0.930, grainy 0.041, background TV 0.057, size TV 0.093, tv_max 0.093.
 DDPM_SAMPLING = {"eta": 1.0, "deterministic_above_tau": 925.0, "grid_shift": 3.0, "unclamped_tau": [250.0, 995.0],
                  "unclamped_limit": 2.0}
 
@@ -59,14 +58,14 @@ DDPM_SAMPLING = {"eta": 1.0, "deterministic_above_tau": 925.0, "grid_shift": 3.0
 # How the shipped priors were trained: the runs recorded in their cards (``training.resumed_at_steps``,
 # ``lr_by_run``, ``steps``), each run resuming from the previous run's EMA weights with a fresh optimiser
 # (the runs were time-limited; here each ends at its recorded step). ``fiberbench train-toy`` replays them.
-# prior-fm's card records one warm-up length (the last run's); it is used for every run. Cards written
-# since also keep each run's own warm-up (and weighting) in ``training.runs``.
+# prior-fm's card records one warm-up length (the last run's); it is used for every run. prior-ddpm's card
+# also keeps each run's own warm-up (and weighting) in ``training.runs``.
 PRIOR_RECIPES: dict[str, list[dict[str, Any]]] = {
     "prior-fm": [dict(until=500, lr=2e-3, warmup=100), dict(until=5706, lr=2e-3, warmup=100),
                  dict(until=9576, lr=2e-3, warmup=100), dict(until=12503, lr=1e-3, warmup=100)],
     # one run from prior-fm's weights with the epsilon MSE weighted by clip(1/SNR, 1, 50): the flow loss weights
     # the x0 error at high noise about so (plain epsilon MSE gave too many small shapes, size TV 0.116, and
-    # more training did not change it; docs/performance.md, eighth stop)
+    # more training did not change it; docs/performance.md)
     "prior-ddpm": [dict(until=2000, lr=1e-3, warmup=200, snr_weight_max=50.0, init_from="prior-fm")],
 }
 
@@ -82,7 +81,8 @@ def train_prior_recipe(name: str, root: Path | None = None, quick: bool = False,
         run = dict(run)
         source = run.get("init_from")
         if source and not cards.weights_path(source, root).exists():
-            raise ConfigError(f"{name} starts from {source}, which is not in {root or cards.models_dir()}: train {source} first")
+            raise ConfigError(f"{name} starts from {source}, which is not in {root or cards.models_dir()}: "
+                              f"train {source} first")
         until = done + 2 if quick else run["until"]
         del run["until"]
         card = train_prior(kind, max_steps=until, resume=i > 0, root=root, log=log, **run)
@@ -135,6 +135,7 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
     must adapt. ``resume`` continues from the saved (EMA) weights and step count of an
     interrupted run (the optimiser restarts with a fresh warm-up); the card's
     ``seconds`` then adds both runs' wall time, while ``minutes`` is the budget of this run.
+    ``touch <root>/prior-<kind>.stop`` ends a run cleanly at the next multiple of 25 steps.
 
     DDPM only, high-noise emphasis: ``high_noise`` is the fraction of each batch whose
     timesteps are drawn from the noisiest tenth (t >= 0.9 T) instead of uniformly, and
@@ -150,87 +151,82 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
 
     Returns the card (training section filled; metrics are added by evaluation).
     """
+    check_prior_options(kind, high_noise, snr_weight_max, lowfreq_weight)
+    torch.manual_seed(seed)
+    card = prior_card(kind)
+    net = build_unet(card["architecture"]["config"])
+    run = {"lr": lr, "warmup": warmup, "bf16": bf16, "high_noise": high_noise, "snr_weight_max": snr_weight_max}
+    if lowfreq_weight:
+        run["lowfreq_weight"] = lowfreq_weight
+    step, seconds, record = start_prior(card, net, run, init_from=init_from, resume=resume, root=root, log=log)
+    loop = TrainLoop(card["name"], net, lr=lr, schedule="warmup", warmup=warmup, ema_decay=ema_decay,
+                     ema_warm=bool(record["resumed_at_steps"]), bf16=bf16, max_steps=max_steps, minutes=minutes,
+                     start_step=step, seconds_before=seconds, save_every=save_every, root=root, log=log)
+    ddpm = DDPMScheduler(**card["scheduler"]["config"]) if kind == "ddpm" else None
+    gen = torch.Generator().manual_seed(seed + step)  # a resumed run does not replay the first run's noise
+    step_fn = prior_step(net, loop, gen, batch, ddpm, high_noise, snr_weight_max, lowfreq_weight)
+    settings = {"batch": batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay, "bf16": bf16, "seed": seed}
+    return loop.run(step_fn, card, partial(prior_training, kind, settings, record))
+
+
+def check_prior_options(kind: str, high_noise: float, snr_weight_max: float | None, lowfreq_weight: float) -> None:
+    """``ConfigError`` unless the high-noise options fit the prior (see :func:`train_prior`)."""
     if kind != "ddpm" and (high_noise or snr_weight_max or lowfreq_weight):
         raise ConfigError("high_noise, snr_weight_max and lowfreq_weight apply to the DDPM prior only")
     if not 0.0 <= high_noise <= 1.0:
         raise ConfigError(f"high_noise must be a fraction in [0, 1], got {high_noise!r}")
     if lowfreq_weight < 0:
         raise ConfigError(f"lowfreq_weight must be >= 0, got {lowfreq_weight!r}")
-    torch.manual_seed(seed)
-    card = prior_card(kind)
+
+
+def start_prior(card: dict[str, Any], net: torch.nn.Module, run: dict[str, Any], *, init_from: str | None,
+                resume: bool, root: Path | None, log: Callable[[str], None]) -> tuple[int, float, dict[str, list]]:
+    """Load the weights a prior run starts from into ``net`` and note where they came from in ``card``.
+
+    ``run``: this run's settings. Returns ``(first step, seconds of the runs before, record)`` where ``record``
+    holds the card's ``resumed_at_steps``, ``lr_by_run`` and ``runs`` including this run.
+    """
     name = card["name"]
-    net = build_unet(card["architecture"]["config"])
-    ema = EMA(net, ema_decay)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
-    ddpm = DDPMScheduler(**card["scheduler"]["config"]) if kind == "ddpm" else None
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    run_start = t0  # the time budget is this run's; t0 moves back by earlier runs' seconds on resume
-    step, losses = 0, []
-    resumed = []
-    lr_by_run = [lr]
-    run_settings = {"lr": lr, "warmup": warmup, "bf16": bf16, "high_noise": high_noise,
-                    "snr_weight_max": snr_weight_max}
-    if lowfreq_weight:
-        run_settings["lowfreq_weight"] = lowfreq_weight
-    runs = [run_settings]
+    record: dict[str, list] = {"resumed_at_steps": [], "lr_by_run": [run["lr"]], "runs": [run]}
     if init_from is not None:
         src = cards.read_card(init_from, root)
         cards.load_weights(init_from, net, root)
-        ema = EMA(net, ema_decay)
         card["initialised_from"] = {"model": init_from, "steps": src.get("training", {}).get("steps"),
                                     "seconds": src.get("training", {}).get("seconds")}
         log(f"[{name}] initialised from {init_from}")
-    if resume and cards.weights_path(name, root).exists():
-        old_card = cards.read_card(name, root)
-        if "initialised_from" in old_card and "initialised_from" not in card:  # keep where the weights began
-            card["initialised_from"] = old_card["initialised_from"]
-        old = old_card.get("training", {})
-        cards.load_weights(name, net, root)
-        ema = EMA(net, ema_decay)
-        step = int(old.get("steps", 0))
-        t0 -= float(old.get("seconds", 0.0))
-        resumed = list(old.get("resumed_at_steps", [])) + [step]
-        lr_by_run = list(old.get("lr_by_run", [old.get("lr", lr)] * len(resumed))) + [lr]
-        runs = [dict(r) for r in old.get("runs", [])] + [dict(run_settings, start_step=step)]
-        gen.manual_seed(seed + step)
-        log(f"[{name}] resumed at step {step}")
+    if not (resume and cards.weights_path(name, root).exists()):
+        return 0, 0.0, record
+    old_card = cards.read_card(name, root)
+    if "initialised_from" in old_card and "initialised_from" not in card:  # keep where the weights began
+        card["initialised_from"] = old_card["initialised_from"]
+    old = old_card.get("training", {})
+    cards.load_weights(name, net, root)
+    step = int(old.get("steps", 0))
+    resumed = list(old.get("resumed_at_steps", [])) + [step]
+    record = {"resumed_at_steps": resumed,
+              "lr_by_run": list(old.get("lr_by_run", [old.get("lr", run["lr"])] * len(resumed))) + [run["lr"]],
+              "runs": [dict(r) for r in old.get("runs", [])] + [dict(run, start_step=step)]}
+    log(f"[{name}] resumed at step {step}")
+    return step, float(old.get("seconds", 0.0)), record
 
-    def save(final: bool):
-        card["training"] = {
-            "objective": "flow matching (velocity MSE)" if kind == "fm" else "DDPM epsilon MSE" + (
-                ", weighted by clip(1/SNR, 1, snr_weight_max) in the runs that set it (training.runs)"
-                if any(r.get("snr_weight_max") for r in runs) else ""),
-            "batch": batch, "optimizer": "AdamW", "lr": lr, "warmup_steps": warmup, "grad_clip": 1.0,
-            "ema_decay": ema_decay, "autocast": "bf16" if bf16 else None, "steps": step, "seed": seed,
-            "seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-200:])) if losses else None,
-            "data": f"fresh renders every step: sample_factors(batch, {TRAIN_SEED_BASE} + step), "
-                    f"{step * batch} images in all",
-            "env": env(), "finished": final, "resumed_at_steps": resumed,
-            "lr_by_run": lr_by_run, "runs": runs,
-        }
-        card["parameters"] = cards.count_params(net)
-        cards.save_weights(name, ema.shadow, root)
-        cards.write_card(name, card, root)
 
-    while True:
-        if max_steps is not None and step >= max_steps:
-            break
-        if max_steps is None and time.time() - run_start > minutes * 60:
-            break
-        stop_file = (root or cards.models_dir()) / f"{name}.stop"
-        if step % 100 == 0 and stop_file.exists():  # `touch data/models/<name>.stop` ends a run cleanly
-            stop_file.unlink()
-            log(f"[{name}] stop file found at step {step}")
-            break
+def prior_step(net: torch.nn.Module, loop: TrainLoop, gen: torch.Generator, batch: int,
+               ddpm: DDPMScheduler | None, high_noise: float, snr_weight_max: float | None,
+               lowfreq_weight: float) -> StepFn:
+    """The loss of one step of the flow prior (``ddpm=None``) or the DDPM prior on ``batch`` fresh renders.
+
+    Flow: ``x_t = (1 - sigma) x0 + sigma noise`` with ``sigma ~ U[0, 1)``, velocity target ``noise - x0``;
+    DDPM: ``t`` uniform (the first ``high_noise`` of the batch from the noisiest tenth), :func:`ddpm_loss`.
+    Every draw comes from ``gen``: noise first, then sigma or t.
+    """
+    def step_fn(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0, _ = world_batch(batch, step)
         x0 = x0 * 2 - 1
         noise = torch.randn(x0.shape, generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if kind == "fm":
+        with loop.autocast():
+            if ddpm is None:
                 sigma = torch.rand(batch, generator=gen)
                 xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-                target = noise - x0
                 pred = net(xt, sigma * 1000).sample
             else:
                 T = ddpm.config.num_train_timesteps
@@ -238,20 +234,26 @@ def train_prior(kind: str = "fm", *, minutes: float = 30.0, max_steps: int | Non
                 n_high = int(round(high_noise * batch))
                 if n_high:
                     t[:n_high] = torch.randint(int(0.9 * T), T, (n_high,), generator=gen)
-                xt = ddpm.add_noise(x0, noise, t)
-                target = noise
-                pred = net(xt, t).sample
-        if kind == "ddpm":
-            loss = ddpm_loss(pred.float(), target, ddpm.alphas_cumprod[t], snr_weight_max, lowfreq_weight)
-        else:
-            loss = F.mse_loss(pred.float(), target)
-        warmup_step(opt, net, loss, step, lr, warmup, ema,
-                     step if not resumed else 10 ** 6)  # resumed: EMA decay already warm
-        losses.append(loss.item())
-        step += 1
-        if step % 100 == 0:
-            log(f"[{name}] step {step} loss {np.mean(losses[-100:]):.4f} {time.time() - t0:.0f}s")
-        if step % save_every == 0:
-            save(False)
-    save(True)
-    return card
+                pred = net(ddpm.add_noise(x0, noise, t), t).sample
+        if ddpm is None:
+            return F.mse_loss(pred.float(), noise - x0), {}
+        return ddpm_loss(pred.float(), noise, ddpm.alphas_cumprod[t], snr_weight_max, lowfreq_weight), {}
+
+    return step_fn
+
+
+def prior_training(kind: str, settings: dict[str, Any], record: dict[str, list], loop: TrainLoop,
+                   final: bool) -> dict[str, Any]:
+    """The ``training`` section of a prior's card (``settings``: batch, lr, warmup, ema_decay, bf16, seed)."""
+    weighted = any(r.get("snr_weight_max") for r in record["runs"])
+    objective = ("flow matching (velocity MSE)" if kind == "fm" else "DDPM epsilon MSE" + (
+        ", weighted by clip(1/SNR, 1, snr_weight_max) in the runs that set it (training.runs)" if weighted else ""))
+    return {
+        "objective": objective, "batch": settings["batch"], "optimizer": "AdamW", "lr": settings["lr"],
+        "warmup_steps": settings["warmup"], "grad_clip": 1.0, "ema_decay": settings["ema_decay"],
+        "autocast": "bf16" if settings["bf16"] else None, "steps": loop.step, "seed": settings["seed"],
+        "seconds": round(loop.seconds(), 1), "final_loss": loop.recent("loss", 200),
+        "data": f"fresh renders every step: sample_factors(batch, {TRAIN_SEED_BASE} + step), "
+                f"{loop.step * settings['batch']} images in all",
+        "env": env(), "finished": final, **record,
+    }
