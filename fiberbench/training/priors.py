@@ -38,7 +38,7 @@ def ddpm_loss(pred: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, snr_wei
     return loss
 
 
-# The DDPM prior's own sampler (the unguided sampler's hyper-parameters; the probes are in docs/performance.md):
+# The DDPM prior's own sampler (the unguided sampler's hyper-parameters; each knob's probes: docs/models.md):
 # - eta 1 (ancestral) below tau 925: at 20 steps deterministic DDIM of this epsilon model smears the layout
 #   (valid 0.53 on 256 samples, shift-3 grid, eta 0 throughout);
 # - deterministic (eta 0) above tau 925 on the shift-3 grid: the background (a global 3-way choice) is decided
