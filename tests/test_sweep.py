@@ -116,7 +116,8 @@ def test_folder_references_by_class(models_dir, tmp_path):
     cfg = small(references=[{"folder": {"path": "imgs", "classes": ["cat", "dog"], "per_class": 1}}], methods=["ndtm"])
     (tmp_path / "s.yaml").write_text(__import__("yaml").safe_dump(cfg))
     _, jobs = expand(tmp_path / "s.yaml")  # paths relative to the sweep file
-    assert [(j.reference_id, j.columns["class"]) for j in jobs] == [("folder:cat/0.png", "cat"), ("folder:dog/2.png", "dog")]
+    assert [(j.reference_id, j.columns["class"]) for j in jobs] == [("folder:cat/0.png", "cat"),
+                                                                     ("folder:dog/2.png", "dog")]
     # pixels survive the PNG round trip to within 8-bit rounding
     assert float((jobs[1].reference[0] - imgs[2]).abs().max()) <= 0.5 / 255 + 1e-6
 
@@ -206,7 +207,8 @@ def test_ray_backend_gives_the_same_table_and_loads_models_once_per_worker(model
     assert (remote.done, remote.failed) == (4, []) and local.done == 4
     a, b = Store(tmp_path / "local").query(), Store(tmp_path / "ray").query()
     assert len(a) == 8
-    assert a[["store_key", "reference_id", "sample", "method"]].equals(b[["store_key", "reference_id", "sample", "method"]])
+    cols = ["store_key", "reference_id", "sample", "method"]
+    assert a[cols].equals(b[cols])
     np.testing.assert_array_equal(a["feature_distance"].to_numpy(), b["feature_distance"].to_numpy())
     assert a.equals(b)
     # every job ran in a Ray worker, not in this process, and each worker loaded each model at most once

@@ -75,8 +75,8 @@ def test_gallery_run_click_then_store_hit(gallery, clip):
     # live progress reached the end; the live loss curve got one point per step
     assert g.progress.value == g.progress.max == STEPS
     assert len(g.loss_figure.data[0].y) == STEPS
-    np.testing.assert_allclose(np.asarray(g.loss_figure.data[0].y, float),
-                               [np.nanmean(r) if np.isfinite(r).any() else np.nan for r in g.result.loss_history.numpy()], equal_nan=True, rtol=1e-6)
+    per_step = [np.nanmean(r) if np.isfinite(r).any() else np.nan for r in g.result.loss_history.numpy()]
+    np.testing.assert_allclose(np.asarray(g.loss_figure.data[0].y, float), per_step, equal_nan=True, rtol=1e-6)
     # the gallery: reference first, then the samples sorted by feature distance
     fr = g.frame
     assert len(g.cells) == N + 1 and len(g.grid.children) == N + 1
