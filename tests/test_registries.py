@@ -143,6 +143,7 @@ MISSING = {
     "hf": ("extractor", "hf/facebook/dinov2-small", {"cache_dir": "EMPTY"}),
     "torch": ("extractor", "torch/no_such_module_xyz:build", {}),
     "diffusers": ("prior", "diffusers/google/ddpm-cifar10-32", {"cache_dir": "EMPTY"}),
+    "mix": ("extractor", "mix/0.5*timm/resnet50.a1_in1k+0.5*toy/shape-resnet@logits", {"cache_dir": "EMPTY"}),
 }
 LOADERS = {"extractor": fb.load_extractor, "prior": fb.load_prior, "clip": fb.load_clip}
 
@@ -158,7 +159,7 @@ def test_source_names_missing_weights_in_one_config_error(source, tmp_path):
     with pytest.raises(ConfigError) as e:
         LOADERS[kind](spec, **kw)
     msg = str(e.value)
-    assert spec.split("@")[0] in msg
+    assert (spec.split("@")[0] if source != "mix" else "timm/resnet50.a1_in1k") in msg
     if "cache_dir" in kw:  # a hub model: where it was looked for and how to get it
         assert kw["cache_dir"] in msg and "download" in msg and e.value.__cause__ is None
 
@@ -219,8 +220,13 @@ def _diffusers_model(tmp_path: Path) -> tuple[str, Path]:
     return f"diffusers/{d}", d / "unet" / "diffusion_pytorch_model.safetensors"
 
 
+def _mix_model(tmp_path: Path) -> tuple[str, Path]:
+    spec, weights = _timm_model(tmp_path)
+    return f"mix/0.7*{spec}+0.3*toy/shape-resnet@logits", weights
+
+
 LOCAL_MODELS = {"toy": _toy_model, "timm": _timm_model, "open_clip": _open_clip_model, "hf": _hf_model,
-                "torch": _torch_model, "diffusers": _diffusers_model}
+                "torch": _torch_model, "diffusers": _diffusers_model, "mix": _mix_model}
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))

@@ -11,6 +11,7 @@ source           name                                             gives
 ``hf``           a transformers vision model repo or folder        Extractor
 ``torch``        ``<python.module:callable>`` returning nn.Module  Extractor
 ``diffusers``    a pipeline folder or hub id                      Prior
+``mix``          ``<w>*<spec>+<w>*<spec>`` (weighted mixture)      Extractor
 ================ ================================================ ======================
 
 ``@layer`` (extractors only): ``logits``, ``pre_logits`` or a module name.
@@ -85,6 +86,7 @@ class ModelSource:
 
     name: str = ""
     kinds: tuple[str, ...] = ()
+    split_layer: bool = True  # a trailing '@layer' names the layer (a mixture's parts carry their own)
 
     def load_extractor(self, spec: Spec, device: str, **kwargs: Any) -> nn.Module:
         raise NotImplementedError
@@ -149,7 +151,7 @@ def parse_spec(spec: str) -> Spec:
         raise ConfigError(f"unknown model source {source!r} in {spec!r}; sources: {names}"
                           + (f"; did you mean {hint[0]!r}?" if hint else ""))
     layer = None
-    if "@" in rest:
+    if "@" in rest and SOURCES[source].split_layer:
         rest, layer = rest.rsplit("@", 1)
         if not layer:
             raise ConfigError(f"empty layer after '@' in {spec!r}")

@@ -17,6 +17,9 @@ from ..extractor import Extractor
 from ..prior import FeatureConditionedPrior, PixelPrior, Prior, build_scheduler
 from ..registry import ModelSource, Spec, register_source
 
+# (requested kind, registry kind of the card) pairs that also load: the conditional generator through
+# load_prior (method="conditional" samples it); the toy CLIP's image tower as an extractor (@embed)
+ALSO = {("prior", "conditional"), ("extractor", "clip")}
 # card kind -> registry kind
 CARD_KINDS = {"classifier": "extractor", "encoder": "extractor", "flow": "prior", "diffusion": "prior",
               "clip": "clip", "oracle": "oracle", "conditional": "conditional"}
@@ -30,6 +33,11 @@ def toy_kind(name: str) -> str | None:
         return None
 
 
+def encode_image(model, x):
+    """How a CLIP model turns preprocessed images into its image embedding."""
+    return model.encode_image(x)
+
+
 @register_source
 class ToySource(ModelSource):
     name = "toy"
@@ -38,7 +46,7 @@ class ToySource(ModelSource):
     def check(self, spec: Spec, kind: str) -> None:
         if kind == "prior" and spec.layer:
             raise ConfigError(f"priors take no '@layer' ({str(spec)!r})")
-        if toy_kind(spec.name) != kind and not (kind == "prior" and toy_kind(spec.name) == "conditional"):
+        if toy_kind(spec.name) != kind and (kind, toy_kind(spec.name)) not in ALSO:
             known = [s for s, k in self.specs() if k == kind]
             hint = close_matches(f"toy/{spec.name}", known)
             raise ConfigError(f"unknown {kind} 'toy/{spec.name}'; available: {known}"
@@ -54,12 +62,20 @@ class ToySource(ModelSource):
             if kind == "extractor":
                 layers = cards.read_card(name).get("layers", ["logits", "pre_logits"])
                 out += [(f"toy/{name}@{layer}", "extractor") for layer in layers]
+            if kind == "clip":
+                out.append((f"toy/{name}@embed", "extractor"))
         return out
 
     def load_extractor(self, spec: Spec, device: str, **kwargs: Any) -> Extractor:
-        """A shipped toy classifier or encoder; default layer from its card (``logits`` if it names none)."""
+        """A shipped toy classifier or encoder (default layer from its card, ``logits`` if it names none), or the
+        toy CLIP's image tower (``toy/clip@embed``: the image embedding, not unit-normalised, as for open_clip)."""
         module, card = cards.load_toy_module(spec.name)
         inp = card.get("input", {})
+        if card.get("kind") == "clip":
+            layer = spec.layer or "embed"
+            return Extractor(module, spec=f"toy/{spec.name}@{layer}", layer=layer, input_size=inp.get("size", 32),
+                             mean=inp.get("mean", [0.5] * 3), std=inp.get("std", [0.5] * 3), card=card,
+                             runner=encode_image).to(device)
         layer = spec.layer or card.get("default_layer", "logits")
         return Extractor(module, spec=f"toy/{spec.name}@{layer}", layer=layer, input_size=inp.get("size", 32),
                          mean=inp.get("mean", [0.5] * 3), std=inp.get("std", [0.5] * 3), card=card,
@@ -93,5 +109,7 @@ class ToySource(ModelSource):
 
     def canonical(self, spec: Spec, kind: str) -> str:
         if kind == "extractor" and spec.layer is None:
-            return f"{spec}@{cards.read_card(spec.name).get('default_layer', 'logits')}"
+            card = cards.read_card(spec.name)
+            default = "embed" if card.get("kind") == "clip" else card.get("default_layer", "logits")
+            return f"{spec}@{default}"
         return str(spec)
