@@ -161,7 +161,8 @@ def test_training_starts_at_the_prior_and_writes_a_loadable_model(tmp_path):
 def test_invariance_bench_scores_conditional_only_where_trained(cond, tmp_path):
     out = G.run_invariance_bench(seed=3, methods=("conditional", "unguided"),
                                  extractors=["toy/shape-resnet@logits", "toy/color-vit@logits"], references=4,
-                                 n=4, steps=10, truth_n=64, prior_n=256, save_to=None)
+                                 n=4, steps=10, truth_n=64, prior_n=256, save_to=None, pool_size=4000,
+                                 truth_samples=16, truth_cache=tmp_path / "truth.json")
     json.dumps(out, allow_nan=False)
     c = out["conditional"]
     per = {e["extractor"]: e for e in c["per_extractor"]}

@@ -241,7 +241,8 @@ def test_run_invariance_bench_tiny_is_reproducible(tmp_path):
 
     prior = load_prior("toy/prior-fm")  # loaded once: the shipped weights may be replaced while a prior trains
     kw = dict(methods=("unguided", "dps"), extractors=["toy/color-vit@logits"], references=4, n=3, steps=3,
-              truth_n=32, prior_n=128, save_to=tmp_path, prior=prior)
+              truth_n=32, prior_n=128, save_to=tmp_path, prior=prior, pool_size=4000, truth_samples=16,
+              truth_cache=tmp_path / "truth.json")
     a = G.run_invariance_bench(seed=5, **kw)
     b = G.run_invariance_bench(seed=5, **{**kw, "save_to": None})
     assert list(a) == ["unguided", "dps"]

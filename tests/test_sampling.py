@@ -494,7 +494,8 @@ def test_shifted_grid_of_a_diffusion_prior_matches_the_flow_grid_noise_levels():
 def test_unguided_knobs_deterministic_band_and_unclamped_band(shape_resnet):
     prior = fb.load_prior("toy/prior-ddpm")
     ref = torch.zeros(3, 32, 32)
-    kw = dict(n=2, method="unguided", steps=4, seed=3, progress=False)
+    # preset "none": the sampler's own defaults, not the card's sampling section (which sets these knobs)
+    kw = dict(n=2, method="unguided", steps=4, seed=3, progress=False, preset="none")
     eta0 = sample_fiber(prior, shape_resnet, ref, eta=0.0, **kw).images
     eta1 = sample_fiber(prior, shape_resnet, ref, eta=1.0, **kw).images
     all_det = sample_fiber(prior, shape_resnet, ref, eta=1.0, deterministic_above_tau=0.0, **kw).images

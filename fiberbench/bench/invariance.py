@@ -65,6 +65,7 @@ extractors only.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +78,15 @@ import torch
 from scipy.stats import spearmanr
 
 from .. import plots
-from ..analysis.semantics import entropy_bits, expected_plugin_entropy
 from ..baselines.conditional import NAME as CONDITIONAL_MODEL
 from ..baselines.conditional import SPEC as CONDITIONAL_SPEC
 from ..baselines.conditional import trained_for
 from ..errors import ConfigError, InputError
-from ..models import load_extractor, load_prior
+from ..models import check_spec, load_extractor, load_prior
 from ..sampling import METHODS, PRESETS, SAMPLERS, sample_fiber
 from ..seeds import INVARIANCE_SEED_BASE
 from ..toy import (
     CHIRAL,
-    CONTINUOUS,
-    DISCRETE,
     FACTORS,
     balanced_references,
     intervene,
@@ -97,15 +95,26 @@ from ..toy import (
     sample_factors,
 )
 from ..toy.cards import available
+from .estimate import estimate_ci, estimated_invariance, fiber_factor_stats
+from .fiber_truth import DELTA, POOL_SIZE, TRUTH_SAMPLES, TruthResult, compute_truth, intervention_t_delta
 
 __all__ = [
     "EXTRACTORS", "INVARIANT", "SENSITIVE", "INVARIANCE_SEED_BASE", "intervention_set", "true_invariance",
-    "balanced_references", "fiber_factor_stats", "estimated_invariance", "recovery_auroc", "rank_correlation",
-    "rank_correlation_ceiling", "score_method", "invariance_figure", "run_invariance_bench",
+    "balanced_references", "fiber_factor_stats", "estimated_invariance", "estimate_ci", "recovery_auroc",
+    "rank_correlation", "rank_correlation_ceiling", "score_method", "invariance_figure", "run_invariance_bench",
+    "compute_truth", "GRADED_EXTRACTORS",
 ]
 
+# Mixtures of a classifier with the toy CLIP tower (``mix/`` specs): each leaves colour, background, size,
+# position and mirror partly free, so their truths spread over (0, 1) (weights chosen from the measured truth).
+GRADED_EXTRACTORS = ("mix/0.79*toy/shape-resnet@logits+0.21*toy/clip@embed",
+                     "mix/0.71*toy/shape-resnet@logits+0.29*toy/clip@embed",
+                     "mix/0.79*toy/color-vit@logits+0.21*toy/clip@embed")
 EXTRACTORS = ("toy/shape-resnet@logits", "toy/shape-resnet@pre_logits", "toy/color-vit@logits",
-              "toy/simclr-resnet@embed")
+              "toy/simclr-resnet@embed", "toy/clip@embed") + GRADED_EXTRACTORS
+# computed fiber truths are kept here between runs (the default settings' ship in data/bench/fiber_truth.json)
+DEFAULT_TRUTH_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fiberbench" / \
+    "fiber_truth.json"
 INVARIANT = 0.8   # true score >= this: the extractor is invariant to the factor
 SENSITIVE = 0.2   # true score <= this: the extractor is sensitive to it
 
@@ -148,26 +157,29 @@ def true_invariance(extractors: Mapping[str, Any], n: int = 512, seed: int = 0,
 
     Returns:
         One row per (extractor, factor): ``n`` (pairs), ``change_intervention`` = E||f(x') - f(x)||,
-        ``change_resample`` = E||f(x'') - f(x)|| over the same rows, ``ratio`` (their quotient, >= 0)
-        and ``true_invariance = clip(1 - ratio, 0, 1)``.
+        ``change_resample`` = E||f(x'') - f(x)|| over the same rows, ``ratio`` (their quotient, >= 0),
+        ``true_invariance = clip(1 - ratio, 0, 1)`` and ``t_delta`` (the fraction of interventions that keep
+        ``cos(f(x'), f(x)) >= 0.95``, :func:`~fiberbench.bench.fiber_truth.intervention_t_delta`).
     """
     data = data or intervention_set(n, seed)
     rows = []
     for spec, ext in extractors.items():
+        t_delta = intervention_t_delta(ext, data)
         fx = _features(ext, data["x"])
         fo = _features(ext, data["other"])
         resample = (fo - fx).norm(dim=-1)
         for name, (idx, imgs) in data["changed"].items():
             idx_t = torch.from_numpy(np.asarray(idx, dtype=np.int64))
             if len(idx_t) == 0:
-                rows.append((spec, name, 0, np.nan, np.nan, np.nan, np.nan))
+                rows.append((spec, name, 0, np.nan, np.nan, np.nan, np.nan, np.nan))
                 continue
             move = (_features(ext, imgs) - fx[idx_t]).norm(dim=-1).mean()
             base = resample[idx_t].mean()
             ratio = float(move / base) if float(base) > 0 else np.nan
-            rows.append((spec, name, len(idx_t), float(move), float(base), ratio, float(np.clip(1 - ratio, 0, 1))))
+            rows.append((spec, name, len(idx_t), float(move), float(base), ratio, float(np.clip(1 - ratio, 0, 1)),
+                         t_delta[name]))
     return pd.DataFrame(rows, columns=["extractor", "factor", "n", "change_intervention", "change_resample",
-                                       "ratio", "true_invariance"])
+                                       "ratio", "true_invariance", "t_delta"])
 
 
 # --------------------------------------------------------------------------- what a method estimates
@@ -175,85 +187,6 @@ def true_invariance(extractors: Mapping[str, Any], n: int = 512, seed: int = 0,
 def _prior_labels(oracle, n: int = 1024, seed: int = 0) -> pd.DataFrame:
     """The oracle's judgement of ``n`` fresh renders: the world distribution through the same judge."""
     return oracle.predict(render(sample_factors(n, INVARIANCE_SEED_BASE + 900 + 1000 * seed)))
-
-
-def fiber_factor_stats(samples: pd.DataFrame, prior: pd.DataFrame, *, only_valid: bool = True,
-                       min_samples: int = 3, n_mc: int = 4000, seed: int = 0) -> pd.DataFrame:
-    """Per fiber and factor: how freely the factor varies inside the fiber relative to the prior.
-
-    Args:
-        samples: oracle frame of the fiber samples (``fiberbench.toy.load_oracle().predict``: one column
-            per factor, ``valid``) plus a ``fiber`` column naming each sample's fiber.
-        prior: oracle frame of the prior's samples (the reference distribution), same columns.
-        only_valid: use only samples (and prior rows) with ``valid`` True.
-        min_samples: fibers with fewer usable samples for a factor are skipped (an entropy or a
-            variance needs at least 2; 2 samples give a very noisy ratio).
-
-    Returns:
-        One row per (fiber, factor) with ``n`` usable samples: ``statistic`` (``entropy_ratio`` |
-        ``variance_ratio``), ``value`` (the fiber's entropy in bits / variance), ``baseline`` (the
-        expected plug-in entropy of ``n`` prior draws / the prior's variance) and ``ratio`` = value /
-        baseline (>= 0; ≈1 the factor is as free as in the prior, 0 it is fixed).
-    """
-    need = set(FACTORS) | {"fiber"} | ({"valid"} if only_valid else set())
-    missing = need - set(samples.columns)
-    if missing:
-        raise InputError(f"samples frame lacks columns {sorted(missing)} (an oracle frame plus 'fiber')")
-    missing = (set(FACTORS) | ({"valid"} if only_valid else set())) - set(prior.columns)
-    if missing:
-        raise InputError(f"prior frame lacks columns {sorted(missing)} (an oracle frame)")
-    if min_samples < 2:
-        raise ConfigError(f"min_samples must be >= 2, got {min_samples}")
-    s = samples[samples["valid"].astype(bool)] if only_valid else samples
-    p = prior[prior["valid"].astype(bool)] if only_valid else prior
-    if len(p) < 2:
-        raise InputError(f"the prior frame has {len(p)} usable rows; need >= 2")
-    chiral_s = s["shape"].isin(CHIRAL)
-    chiral_p = p["shape"].isin(CHIRAL)
-    prior_p = {}
-    for name in DISCRETE:
-        col = p.loc[chiral_p, name] if name == "mirror" else p[name]
-        prior_p[name] = col.value_counts().reindex(FACTORS[name], fill_value=0).to_numpy(float)
-    prior_var = {name: float(p[name].var(ddof=1)) for name in CONTINUOUS}
-    cache: dict[tuple[str, int], float] = {}
-    rows = []
-    for fiber, g in s.groupby("fiber", sort=True):
-        for name in FACTORS:
-            col = g.loc[chiral_s.loc[g.index], name] if name == "mirror" else g[name]
-            m = len(col)
-            if m < min_samples:
-                continue
-            if name in DISCRETE:
-                counts = col.value_counts().reindex(FACTORS[name], fill_value=0).to_numpy(float)
-                if (name, m) not in cache:
-                    cache[(name, m)] = expected_plugin_entropy(prior_p[name], m, n_mc, seed) \
-                        if prior_p[name].sum() > 0 else np.nan
-                value = entropy_bits(counts[counts > 0] / counts.sum())
-                baseline, stat = cache[(name, m)], "entropy_ratio"
-            else:
-                value, baseline, stat = float(col.var(ddof=1)), prior_var[name], "variance_ratio"
-            ratio = value / baseline if baseline and baseline > 0 else np.nan
-            rows.append((fiber, name, m, stat, value, baseline, ratio))
-    return pd.DataFrame(rows, columns=["fiber", "factor", "n", "statistic", "value", "baseline", "ratio"])
-
-
-def estimated_invariance(stats: pd.DataFrame) -> pd.DataFrame:
-    """Per factor: ``estimated`` = mean per-fiber ratio weighted by the fiber's usable samples (small fibers
-    give noisy ratios), ``fibers`` and ``samples`` it rests on.
-
-    Factors with no usable fiber get ``estimated = NaN`` and ``fibers = 0``.
-    """
-    if stats.empty:
-        agg = pd.DataFrame(columns=["estimated", "fibers", "samples"])
-    else:
-        ok = stats[np.isfinite(stats["ratio"].to_numpy(float))].assign(w=lambda d: d["ratio"] * d["n"])
-        agg = ok.groupby("factor").agg(wsum=("w", "sum"), fibers=("ratio", "count"), samples=("n", "sum"))
-        agg["estimated"] = agg["wsum"] / agg["samples"]
-        agg = agg[["estimated", "fibers", "samples"]]
-    agg = agg.reindex(list(FACTORS))
-    agg["fibers"] = agg["fibers"].fillna(0).astype(int)
-    agg["samples"] = agg["samples"].fillna(0).astype(int)
-    return agg.rename_axis("factor").reset_index()
 
 
 # --------------------------------------------------------------------------- scores
@@ -307,17 +240,19 @@ def rank_correlation_ceiling(true: Sequence[float], estimated: Sequence[float] |
     return rank_correlation(t[ok], ideal[ok])
 
 
-def score_method(pairs: pd.DataFrame) -> dict[str, Any]:
-    """The headline numbers of one method's pair table (columns ``true_invariance``, ``estimated``,
-    ``estimated_all_samples``): AUROC and Spearman on valid samples and on all samples, and counts."""
+def score_method(pairs: pd.DataFrame, truth: TruthResult | None = None) -> dict[str, Any]:
+    """The headline numbers of one method's pair table (columns ``true_invariance`` = the fiber truth,
+    ``estimated``, ``estimated_all_samples``, and where present ``intervention`` / ``t_delta``): AUROC and
+    Spearman on valid samples and on all samples, Spearman against the other truths, counts, and the ideal
+    estimator's Spearman over the pairs this method estimated (``rank_correlation_ceiling``, from ``truth``)."""
     t = pairs["true_invariance"].to_numpy(float)
     e = pairs["estimated"].to_numpy(float)
     ea = pairs["estimated_all_samples"].to_numpy(float)
     cls = np.where(t >= INVARIANT, "invariant", np.where(t <= SENSITIVE, "sensitive", "partial"))
-    return {
+    out = {
         "recovery_auroc": recovery_auroc(t, e),
         "rank_correlation": rank_correlation(t, e),
-        "rank_correlation_ceiling": rank_correlation_ceiling(t, e),
+        "rank_correlation_ceiling": float("nan"),
         "recovery_auroc_all_samples": recovery_auroc(t, ea),
         "rank_correlation_all_samples": rank_correlation(t, ea),
         "pairs": int(len(pairs)),
@@ -325,15 +260,31 @@ def score_method(pairs: pd.DataFrame) -> dict[str, Any]:
         "pairs_invariant": int((cls == "invariant").sum()),
         "pairs_sensitive": int((cls == "sensitive").sum()),
     }
+    if truth is not None and len(pairs):
+        ceiling = truth.ceiling(pairs[np.isfinite(e)])
+        out["rank_correlation_ceiling"] = ceiling["median"]
+        out["rank_correlation_ceiling_p05_p95"] = [ceiling["p05"], ceiling["p95"]]
+    for other in ("intervention", "t_delta"):
+        if other in pairs:
+            o = pairs[other].to_numpy(float)
+            out[f"rank_correlation_{other}"] = rank_correlation(o, e)
+    if "intervention" in pairs:
+        out["rank_correlation_intervention_ceiling"] = rank_correlation_ceiling(
+            pairs["intervention"].to_numpy(float), e)
+    if "ci_misses_truth" in pairs:
+        out["pairs_ci_misses_truth"] = int(pairs["ci_misses_truth"].fillna(False).astype(bool).sum())
+    return out
 
 
 # --------------------------------------------------------------------------- figure
 
 def invariance_figure(pairs: pd.DataFrame, *, title: str = "estimated vs true invariance per extractor x factor"):
-    """Plotly scatter, one panel per method: true invariance (x) vs the method's estimate (y).
+    """Plotly scatter, one panel per method: the fiber truth (x) vs the method's estimate (y).
 
-    ``pairs``: long frame with ``method, extractor, factor, true_invariance, estimated``. Shaded bands mark
-    the sensitive (<= 0.2) and invariant (>= 0.8) ranges of the true score; the dashed line is y = x.
+    ``pairs``: long frame with ``method, extractor, factor, true_invariance, estimated`` (and, when present,
+    ``ci_low, ci_high``: the estimate's bootstrap CI, drawn as error bars, and ``ci_misses_truth``: such pairs
+    get an open marker). Shaded bands mark the sensitive (<= 0.2) and invariant (>= 0.8) ranges of the truth;
+    the dashed line is y = x.
     """
     need = {"method", "extractor", "factor", "true_invariance", "estimated"}
     if need - set(pairs.columns):
@@ -341,17 +292,26 @@ def invariance_figure(pairs: pd.DataFrame, *, title: str = "estimated vs true in
     df = pairs.copy()
     df["extractor"] = df["extractor"].str.replace("toy/", "", regex=False)
     methods = list(dict.fromkeys(df["method"]))
-    fig = px.scatter(df, x="true_invariance", y="estimated", color="factor", symbol="extractor",
-                     facet_col="method", facet_col_wrap=min(3, len(methods)), category_orders={"method": methods},
-                     hover_data=["extractor", "factor", "fibers", "samples"] if "fibers" in df else None,
-                     title=title, range_x=[-0.05, 1.05])
+    kw: dict[str, Any] = {"symbol": "extractor"}
+    if {"ci_low", "ci_high"} <= set(df.columns):
+        df["ci_plus"] = (df["ci_high"] - df["estimated"]).clip(lower=0)
+        df["ci_minus"] = (df["estimated"] - df["ci_low"]).clip(lower=0)
+        kw = {"error_y": "ci_plus", "error_y_minus": "ci_minus"}
+        if "ci_misses_truth" in df:
+            df["CI"] = np.where(df["ci_misses_truth"].fillna(False).astype(bool), "misses the truth", "covers it")
+            kw.update(symbol="CI", symbol_map={"misses the truth": "circle-open", "covers it": "circle"})
+    hover = [c for c in ("extractor", "factor", "fibers", "samples", "intervention", "t_delta") if c in df]
+    fig = px.scatter(df, x="true_invariance", y="estimated", color="factor", facet_col="method",
+                     facet_col_wrap=min(3, len(methods)), category_orders={"method": methods}, hover_data=hover,
+                     title=title, range_x=[-0.05, 1.05], **kw)
     ymax = float(np.nanmax(np.r_[df["estimated"].to_numpy(float), 1.0])) * 1.05 + 0.05
-    fig.update_yaxes(range=[-0.05, ymax])
+    fig.update_yaxes(range=[-0.05, ymax], title_text="estimated")
+    fig.update_xaxes(title_text="fiber truth")
     for band in ((-0.05, SENSITIVE), (INVARIANT, 1.05)):
         fig.add_vrect(x0=band[0], x1=band[1], fillcolor="gray", opacity=0.12, line_width=0, row="all", col="all")
     fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dash", color="gray", width=1),
                   row="all", col="all")
-    fig.update_traces(marker=dict(size=9, line=dict(width=0.5, color="black")))
+    fig.update_traces(marker=dict(size=9, line=dict(width=1)))
     fig.update_layout(width=1100, height=380 * ((len(methods) + 2) // 3) + 80, template="plotly_white",
                       legend=dict(font=dict(size=10)))
     return fig
@@ -386,8 +346,8 @@ SETTINGS = {
 DEFAULT_METHODS = ("ndtm", "dps", "metamer", "unguided")
 CONDITIONAL = "conditional"
 NOT_TRAINED = "not trained for this extractor"
-_PAIR_COLUMNS = ["method", "extractor", "factor", "true_invariance", "estimated", "fibers", "samples",
-                 "estimated_all_samples", "samples_all"]
+_PAIR_COLUMNS = ["method", "extractor", "factor", "true_invariance", "intervention", "t_delta", "estimated",
+                 "ci_low", "ci_high", "ci_misses_truth", "fibers", "samples", "estimated_all_samples", "samples_all"]
 
 
 def run_invariance_bench(quick: bool = False, seed: int = 0, *,
@@ -397,7 +357,8 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
                          truth_n: int | None = None, prior_n: int = 1024,
                          settings: Mapping[str, Mapping[str, Any]] | None = None,
                          save_to: str | Path | None = "out/bench", min_samples: int = 3,
-                         progress: bool = False) -> dict[str, Any]:
+                         progress: bool = False, pool_size: int = POOL_SIZE, truth_samples: int = TRUTH_SAMPLES,
+                         truth_cache: str | Path | None = DEFAULT_TRUTH_CACHE) -> dict[str, Any]:
     """Score fiber samplers against the true invariances of the toy extractors.
 
     Args:
@@ -412,45 +373,37 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
         references, n, steps, truth_n: override the sizes (``steps`` default: the toy preset's).
         prior_n: fresh renders judged by the oracle as the prior's label distribution.
         save_to: folder for ``invariance.html`` / ``invariance.png`` (``None``: no figure).
+        pool_size, truth_samples: the world pool and the exact fiber draws per reference behind the fiber
+            truth (:mod:`fiberbench.bench.fiber_truth`); ``truth_cache``: the JSON file that keeps computed
+            truths (the default settings' truths ship in ``data/bench/fiber_truth.json``).
 
     Returns:
-        ``{method: {"recovery_auroc", "rank_correlation", "recovery_auroc_all_samples",
-        "rank_correlation_all_samples", "feature_match", "validity", "seconds_per_sample",
-        "per_extractor": [...], "table": [one dict per extractor x factor pair], "settings", "run"}}``
-        (strict JSON: a missing value, e.g. the AUROC of a method with no valid sample, is ``None``;
-        ``run`` holds the sizes, the true-invariance table and the figure paths).
+        ``{method: {"recovery_auroc", "rank_correlation", "rank_correlation_ceiling", …, "feature_match",
+        "validity", "seconds_per_sample", "per_extractor": [...], "table": [one dict per extractor x factor
+        pair], "settings", "run"}}`` (strict JSON: a missing value is ``None``; ``run`` holds the sizes, the
+        truths and the figure paths).
     """
     methods = _check_methods(methods)
     settings = {m: {**SETTINGS.get(m, {}), **dict((settings or {}).get(m, {}))} for m in methods}
-    if extractors is None:
-        have = set(available())
-        extractors = [s for s in EXTRACTORS if s.split("/", 1)[1].split("@")[0] in have]
+    extractors = list(extractors) if extractors is not None else _shipped(EXTRACTORS)
     if not extractors:
         raise ConfigError("no extractor to benchmark (are the toy models in data/models?)")
-    B = references or (8 if quick else 12)
-    n = n or (4 if quick else 8)
+    B, n = references or (8 if quick else 12), n or (4 if quick else 8)
     truth_n = truth_n or (256 if quick else 1000)
     steps = steps or PRESETS["toy"]["steps"]
     torch.manual_seed(seed)
-
     t_start = time.perf_counter()
-    exts = {spec: load_extractor(spec) for spec in extractors}
-    truth = true_invariance(exts, n=truth_n, seed=seed)
+    bench = _prepare(extractors, B, n, seed, truth_n, prior_n, min_samples, progress, pool_size, truth_samples,
+                     truth_cache)
     t_truth = time.perf_counter() - t_start
-    oracle = load_oracle()
-    bench = _Bench(truth=truth, exts=exts, oracle=oracle, refs=balanced_references(B, seed), n=n, seed=seed,
-                   prior_labels=_prior_labels(oracle, n=prior_n, seed=seed), min_samples=min_samples,
-                   progress=progress)
     p = load_prior(prior) if isinstance(prior, str) else prior
     cond_prior = load_prior(CONDITIONAL_SPEC) if CONDITIONAL in methods else None
     out: dict[str, Any] = {}
     all_pairs = []
     for method in methods:
-        kw = dict(settings[method])
-        kw.setdefault("steps", steps)
-        m, table = _run_method(bench, method, cond_prior if method == CONDITIONAL else p, kw)
+        kw = {"steps": steps, **settings[method]}
+        out[method], table = _run_method(bench, method, cond_prior if method == CONDITIONAL else p, kw)
         all_pairs.append(table)
-        out[method] = m
     if cond_prior is not None:
         _add_conditional_subset_scores(out, cond_prior.card)
     run = {"references": B, "n": n, "steps": steps, "truth_n": truth_n, "prior_n": prior_n,
@@ -459,7 +412,11 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
            "reference_seed": INVARIANCE_SEED_BASE + 500 + 1000 * seed,
            "intervention_seed": INVARIANCE_SEED_BASE + 1000 * seed, "min_samples": min_samples,
            "thresholds": {"invariant": INVARIANT, "sensitive": SENSITIVE},
-           "truth_seconds": t_truth, "true_invariance": truth.to_dict(orient="records")}
+           "truth_seconds": t_truth, "true_invariance": bench.truth.to_dict(orient="records"),
+           "fiber_truth": bench.fiber_truth.to_dict(orient="records"),
+           "fiber_truth_settings": {"pool_size": pool_size, "truth_samples": truth_samples, "delta": DELTA,
+                                    "kept_per_reference": bench.truth_result.kept},
+           "rank_correlation_ceiling": bench.truth_result.ceiling()}
     if save_to is not None:
         fig = invariance_figure(pd.concat([t for t in all_pairs if len(t)], ignore_index=True))
         run["figure"] = save_report_figure(fig, Path(save_to), "invariance" + ("_quick" if quick else ""))
@@ -467,6 +424,34 @@ def run_invariance_bench(quick: bool = False, seed: int = 0, *,
     for m in out.values():
         m["run"] = run
     return _json_safe(out)
+
+
+def _shipped(specs: Sequence[str]) -> list[str]:
+    """The specs whose models are all here (a toy model not shipped yet drops its extractors)."""
+    out = []
+    for spec in specs:
+        try:
+            check_spec(spec, "extractor")
+        except ConfigError:
+            continue
+        out.append(spec)
+    return out
+
+
+def _prepare(extractors: Sequence[str], B: int, n: int, seed: int, truth_n: int, prior_n: int, min_samples: int,
+             progress: bool, pool_size: int, truth_samples: int, truth_cache) -> _Bench:
+    """Load the extractors and the oracle; the references; the intervention truths and the fiber truth."""
+    exts = {spec: load_extractor(spec) for spec in extractors}
+    truth = true_invariance(exts, n=truth_n, seed=seed)
+    refs = balanced_references(B, seed)
+    fiber = compute_truth(exts, refs[0], INVARIANCE_SEED_BASE + 500 + 1000 * seed, n, pool_size=pool_size,
+                          truth_samples=truth_samples, seed=seed,
+                          cache=Path(truth_cache) if truth_cache is not None else None,
+                          log=print if progress else None)
+    oracle = load_oracle()
+    return _Bench(truth=truth, fiber_truth=fiber.frame, truth_result=fiber, exts=exts, oracle=oracle, refs=refs,
+                  n=n, seed=seed, prior_labels=_prior_labels(oracle, n=prior_n, seed=seed),
+                  min_samples=min_samples, progress=progress)
 
 
 def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
@@ -486,7 +471,9 @@ def _check_methods(methods: Sequence[str] | None) -> tuple[str, ...]:
 class _Bench:
     """What every method of one benchmark run is scored against."""
 
-    truth: pd.DataFrame
+    truth: pd.DataFrame  # intervention score and T_delta (true_invariance)
+    fiber_truth: pd.DataFrame  # the fiber truth (fiber_truth.compute_truth)
+    truth_result: TruthResult
     exts: dict[str, Any]
     oracle: Any
     refs: tuple[torch.Tensor, pd.DataFrame]  # (images [B,3,32,32] in [0,1], their factors)
@@ -521,7 +508,7 @@ def _run_method(bench: _Bench, method: str, prior, kw: dict[str, Any]) -> tuple[
                                              == np.repeat(ref_factors["shape"].to_numpy(), n)).mean()),
                         "seconds_per_sample": secs / (B * n)})
     table = pd.DataFrame(pairs, columns=_PAIR_COLUMNS)
-    m = score_method(table)
+    m = score_method(table, bench.truth_result)
     scored = [e for e in per_ext if "feature_match" in e]
     m["feature_match"] = float(np.mean([e["feature_match"] for e in scored])) if scored else float("nan")
     m["validity"] = float(np.mean([e["validity"] for e in scored])) if scored else float("nan")
@@ -534,17 +521,26 @@ def _run_method(bench: _Bench, method: str, prior, kw: dict[str, Any]) -> tuple[
 
 
 def _pairs(bench: _Bench, method: str, spec: str, pred: pd.DataFrame) -> list[dict[str, Any]]:
-    """The extractor x factor rows of one method on one extractor (estimates on valid and on all samples)."""
-    est = estimated_invariance(fiber_factor_stats(pred, bench.prior_labels, min_samples=bench.min_samples,
-                                                  seed=bench.seed))
+    """The extractor x factor rows of one method on one extractor: the estimate on valid samples with its
+    bootstrap CI, the estimate on all samples, and the three truths."""
+    stats = fiber_factor_stats(pred, bench.prior_labels, min_samples=bench.min_samples, seed=bench.seed)
+    est = estimated_invariance(stats).merge(estimate_ci(stats, seed=bench.seed), on="factor")
     est_all = estimated_invariance(fiber_factor_stats(pred, bench.prior_labels, only_valid=False,
                                                       min_samples=bench.min_samples, seed=bench.seed))
+    fiber = bench.fiber_truth[bench.fiber_truth["extractor"] == spec].set_index("factor")
     tr = bench.truth[bench.truth["extractor"] == spec].set_index("factor")
-    return [{"method": method, "extractor": spec, "factor": row.factor,
-             "true_invariance": float(tr.loc[row.factor, "true_invariance"]), "estimated": float(row.estimated),
-             "fibers": int(row.fibers), "samples": int(row.samples),
-             "estimated_all_samples": float(row_all.estimated), "samples_all": int(row_all.samples)}
-            for row, row_all in zip(est.itertuples(index=False), est_all.itertuples(index=False))]
+    rows = []
+    for row, row_all in zip(est.itertuples(index=False), est_all.itertuples(index=False)):
+        truth = float(fiber.loc[row.factor, "fiber_truth"])
+        lo, hi = float(row.ci_low), float(row.ci_high)
+        misses = bool(np.isfinite(lo) and np.isfinite(truth) and not lo - 1e-9 <= truth <= hi + 1e-9)
+        rows.append({"method": method, "extractor": spec, "factor": row.factor, "true_invariance": truth,
+                     "intervention": float(tr.loc[row.factor, "true_invariance"]),
+                     "t_delta": float(tr.loc[row.factor, "t_delta"]), "estimated": float(row.estimated),
+                     "ci_low": lo, "ci_high": hi, "ci_misses_truth": misses, "fibers": int(row.fibers),
+                     "samples": int(row.samples), "estimated_all_samples": float(row_all.estimated),
+                     "samples_all": int(row_all.samples)})
+    return rows
 
 
 def _training_info(method: str, prior) -> dict[str, Any]:

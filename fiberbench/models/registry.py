@@ -114,6 +114,12 @@ class ModelSource:
         """The spec string a loaded model of ``kind`` reports (e.g. with its default ``@layer``)."""
         return str(spec)
 
+    def defaults(self, spec: Spec) -> dict[str, Any]:
+        """A prior's recommended sampling settings, read without loading it: ``{"preset": name}`` for guided
+        methods and ``{"sampling": {...}}`` for its own (unguided) sampler; loaded priors carry the same in
+        their ``card``."""
+        return {}
+
 
 SOURCES: dict[str, ModelSource] = {}
 
@@ -210,6 +216,12 @@ def weights_checksum(spec: str) -> str | None:
     """
     s = parse_spec(spec)
     return SOURCES[s.source].checksum(s)
+
+
+def prior_defaults(spec: str) -> dict[str, Any]:
+    """:meth:`ModelSource.defaults` of a prior spec (nothing is loaded)."""
+    s = parse_spec(spec)
+    return SOURCES[s.source].defaults(s)
 
 
 def canonical_spec(spec: str, kind: str) -> str:

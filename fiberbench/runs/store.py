@@ -42,7 +42,7 @@ from ..errors import ConfigError, InputError, close_matches
 from ..identity import content_key, sha256_hex, tensor_hash
 from ..io import as_image_batch
 from ..models import canonical_spec, weights_checksum
-from ..sampling import FiberResult, resolve_hyperparameters, sample_fiber
+from ..sampling import FiberResult, resolve_settings, sample_fiber
 from ..version import __version__
 
 FORMAT = 1
@@ -98,7 +98,7 @@ def run_config(prior: Any, extractor: Any, reference, *, n: int = 16, method: st
     pspec, espec = canonical_spec(pspec, "prior"), canonical_spec(espec, "extractor")
     n = check_int("n", n)
     seed = check_seed("seed", seed)
-    hp, run = resolve_hyperparameters(method, preset, hyperparameters)
+    hp, run, provenance = resolve_settings(method, preset, hyperparameters, prior)
     steps = check_int("steps", steps if steps is not None else run.get("steps", 50))
     loss = loss or run.get("loss", "cosine")
     checksums = dict(checksums or {})
@@ -108,7 +108,7 @@ def run_config(prior: Any, extractor: Any, reference, *, n: int = 16, method: st
     cfg = {
         "prior": pspec, "extractor": espec, "weights": weights, "method": method, "n": n, "steps": int(steps),
         "seed": int(seed), "loss": loss, "init": _canon(list(init)) if isinstance(init, (tuple, list)) else init,
-        "preset": preset, "hyperparameters": _canon(hp), "overrides": _canon(hyperparameters),
+        "preset": provenance["preset"], "hyperparameters": _canon(hp), "overrides": _canon(hyperparameters),
         "reference_hash": reference_hash(reference), "reference_ids": ids,
         "dtype": str(dtype) if dtype is not None else None, "fiberbench": __version__,
     }

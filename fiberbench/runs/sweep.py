@@ -9,7 +9,7 @@ A sweep file (YAML or TOML; every key but ``extractors``, ``priors`` and ``refer
     seeds: [0, 1]                   # or one integer
     n: 8                            # samples per fiber (per reference)
     steps: 20                       # default: the preset's
-    preset: toy
+    preset: toy                     # default: the prior's recommendation; "none": the method's defaults
     loss: cosine
     init: noise                     # or [sdedit, 600]
     hyperparameters:                # fixed overrides, per method
@@ -59,7 +59,7 @@ from ..checks import MAX_JOBS, MAX_N, MAX_REFERENCES, MAX_STEPS, in_choices, is_
 from ..errors import ConfigError, FiberbenchError, close_matches
 from ..io import load_image
 from ..models import list_models, load_extractor, load_prior, parse_spec, weights_checksum
-from ..sampling import LOSSES, METHODS, PRESETS, resolve_hyperparameters, sample_fiber
+from ..sampling import LOSSES, METHODS, NO_PRESET, PRESETS, resolve_hyperparameters, sample_fiber
 from ..seeds import SWEEP_BENCH_SEED_BASE
 from ..toy import FACTORS, references
 from .store import Store, check_name, run_config
@@ -483,8 +483,8 @@ def _check_sampling(raw: Mapping[str, Any], methods: list[str], problems: list[s
     """``(preset, loss, init)``: a preset in PRESETS or None, a loss in LOSSES or None, and ``init`` as
     ``"noise"`` or a tuple ``("sdedit", tau_star)``, 0 < tau_star <= 1000 (not with ``metamer``)."""
     preset = raw.get("preset")
-    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
-        problems.append(f"unknown preset {_show(preset)}; presets: {sorted(PRESETS)}")
+    if preset is not None and (not isinstance(preset, str) or preset not in (*PRESETS, NO_PRESET)):
+        problems.append(f"unknown preset {_show(preset)}; presets: {sorted(PRESETS)} or {NO_PRESET!r}")
         preset = None  # the hyper-parameters are still checked, against the method defaults
     loss = raw.get("loss")
     if loss is not None and (not isinstance(loss, str) or loss not in LOSSES):

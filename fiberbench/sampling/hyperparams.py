@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from ..checks import as_python, check_choice, check_int, check_real, is_number, is_real, show
 from ..errors import ConfigError, close_matches
+from ..models import prior_defaults
 from .base import HP_RULES, get_sampler
 
 # Gamma schedules are segments (gamma_start, gamma_end, tau_from, tau_to) over the common
@@ -33,6 +34,49 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 RUN_KEYS = ("steps", "loss")  # preset entries that are settings of the run, not of the method
+NO_PRESET = "none"  # preset="none": the method's own defaults, not the prior's recommendation
+
+
+def prior_settings(prior) -> tuple[dict[str, Any], str]:
+    """The prior's recommended settings (``{"preset": name, "sampling": {...}}``) and where they come from.
+
+    ``prior``: a spec string (read from its card or source, nothing loaded) or a loaded prior (its ``card``).
+    """
+    if isinstance(prior, str):
+        try:
+            return prior_defaults(prior), f"{prior}'s card"
+        except ConfigError:  # a bad spec is reported where specs are checked, after the other arguments
+            return {}, ""
+    card = getattr(prior, "card", None) or {}
+    spec = getattr(prior, "spec", type(prior).__name__)
+    return {k: card[k] for k in ("preset", "sampling") if k in card}, f"{spec}'s card"
+
+
+def resolve_settings(method: str, preset: str | None, overrides: Mapping[str, Any],
+                     prior=None) -> tuple[dict, dict, dict[str, Any]]:
+    """:func:`resolve_hyperparameters` with the prior's recommendation as the default.
+
+    ``preset=None`` takes the preset the prior recommends for guided methods (its card's ``preset``; a hub
+    prior's source names one), and for its own sampler (``unguided``) the card's ``sampling`` section under
+    the keyword arguments; ``preset="none"`` takes neither. Returns ``(hp, run, provenance)`` with provenance
+    ``{"preset": name or None, "preset_from": "chosen" | "<spec>'s card" | "none"}``.
+    """
+    sampler = get_sampler(method)
+    recommended, where = prior_settings(prior) if prior is not None else ({}, "")
+    chosen = preset
+    if preset is None and sampler.guided and recommended.get("preset"):
+        chosen, source = recommended["preset"], where
+    elif preset in (None, NO_PRESET):
+        chosen, source = None, "none"
+    else:
+        source = "chosen"
+    extra: dict[str, Any] = {}
+    if preset is None and not sampler.guided and isinstance(recommended.get("sampling"), Mapping):
+        extra = {k: v for k, v in recommended["sampling"].items() if k in sampler.defaults}
+        source = where if extra else source
+    hp, run = resolve_hyperparameters(method, chosen, {**extra, **dict(overrides)} if isinstance(overrides, Mapping)
+                                      else overrides)
+    return hp, run, {"preset": chosen, "preset_from": source}
 
 
 def check_hyperparameter(name: str, value: Any, method: str = "") -> Any:
@@ -97,7 +141,7 @@ def resolve_hyperparameters(method: str, preset: str | None, overrides: Mapping[
         raise ConfigError(f"hyper-parameters must be a mapping of names to values, got {show(overrides)}")
     hp = dict(allowed)
     run: dict[str, Any] = {}
-    if preset is not None:
+    if preset is not None and preset != NO_PRESET:
         if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"unknown preset {show(preset)}; presets: {sorted(PRESETS)}")
         for k, v in PRESETS[preset].items():

@@ -22,7 +22,7 @@ from ..models import check_spec, load_extractor, load_prior
 from ..seeds import sample_seed
 from .base import Sampler, get_sampler
 from .batching import map_chunks, run_in_chunks
-from .hyperparams import resolve_hyperparameters
+from .hyperparams import resolve_settings
 from .problem import LOSSES, FiberProblem, NoiseSource, fiber_distance, finite_rows
 from .result import FiberResult, fault_history, run_id, run_versions, sample_status
 
@@ -50,7 +50,9 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
         callback: called after every step with ``{"i", "t", "x", "denoised", "images", "loss", "rows"}``.
         init: ``"noise"`` or ``("sdedit", tau_star)``: start from x_ref noised to tau_star in (0, 1000].
         preset: a name in :data:`~fiberbench.sampling.hyperparams.PRESETS` (``toy``, ``fiber-imagenet``, …)
-            filling the defaults.
+            filling the defaults. ``None`` (default): the prior's recommendation (its card's preset for guided
+            methods, its own sampler's settings for ``unguided``); ``"none"``: the method's bare defaults.
+            ``result.config`` records the preset used and where it came from (``preset_from``).
         batch_size: samples per batched run; on CUDA out-of-memory the batch is halved and retried (in the
             sampling loop, the reference features and the final decode / feature pass), finished work kept.
         dtype: ``torch.bfloat16`` / ``torch.float16`` autocast for the networks (u and Adam stay fp32).
@@ -76,6 +78,7 @@ class Request:
     sampler: Sampler
     hp: dict[str, Any]
     preset: str | None
+    preset_from: str  # "chosen", "<spec>'s card" (the prior's recommendation) or "none"
     n: int
     steps: int
     seed: int
@@ -94,7 +97,7 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
     n = check_int("n", n)
     batch_size = check_int("batch_size", batch_size)
     sampler = get_sampler(method)
-    hp, run = resolve_hyperparameters(method, preset, hyperparameters)
+    hp, run, provenance = resolve_settings(method, preset, hyperparameters, prior)
     steps = check_int("steps", steps if steps is not None else run.get("steps", 50))
     loss = loss or run.get("loss", "cosine")
     if loss not in LOSSES:
@@ -112,7 +115,8 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
     for spec, kind in ((prior, "prior"), (extractor, "extractor")):
         if isinstance(spec, str):  # unknown names fail here, before either model is loaded
             check_spec(spec, kind)
-    return Request(sampler=sampler, hp=hp, preset=preset, n=n, steps=steps, seed=seed, loss=loss,
+    return Request(sampler=sampler, hp=hp, preset=provenance["preset"], preset_from=provenance["preset_from"],
+                   n=n, steps=steps, seed=seed, loss=loss,
                    init=list(init) if isinstance(init, (tuple, list)) else init, t_star=t_star,
                    batch_size=batch_size, dtype=dtype, reference=ref,
                    reference_ids=list(reference_ids) if reference_ids is not None else None)
@@ -173,7 +177,8 @@ def prepare(req: Request, prior, extractor) -> Run:
     config: dict[str, Any] = {
         "method": req.sampler.name, "extractor": getattr(extractor, "spec", type(extractor).__name__),
         "prior": getattr(prior, "spec", type(prior).__name__), "n": req.n, "steps": req.steps, "seed": req.seed,
-        "loss": req.loss, "init": req.init, "preset": req.preset, "hyperparameters": req.hp,
+        "loss": req.loss, "init": req.init, "preset": req.preset, "preset_from": req.preset_from,
+        "hyperparameters": req.hp,
         "batch_size": req.batch_size, "dtype": str(req.dtype) if req.dtype else None, "device": str(device),
         "versions": run_versions(), "sample_seeds": seeds, "reference_hash": tensor_hash(ref, 16),
     }

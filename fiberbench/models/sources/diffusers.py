@@ -20,6 +20,9 @@ from ..hubcache import HUB_WEIGHT_FILES, is_missing_weights, local_or_cached_che
 from ..prior import DiffusersPixelPrior, LatentPrior, Prior, VQLatentPrior, kind_of_scheduler
 from ..registry import ModelSource, Spec, register_source
 
+# the recommended preset of a hub diffusion / flow prior: the fiber paper's ImageNet setting (200 steps, its
+# guidance schedule, time-dependent target), tuned there on a pretrained pixel diffusion model
+HUB_PRESET = "fiber-imagenet"
 # pipeline components fiberbench never needs (never loaded)
 SKIP_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 # the denoiser's weight file comes first in a diffusers repo's checksum
@@ -42,6 +45,9 @@ class DiffusersSource(ModelSource):
 
     def checksum(self, spec: Spec) -> str | None:
         return local_or_cached_checksum(spec.name, DIFFUSERS_WEIGHT_FILES)
+
+    def defaults(self, spec: Spec) -> dict[str, Any]:
+        return {"preset": HUB_PRESET}
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -106,7 +112,8 @@ def load_diffusers_prior(path: str, *, spec: str | None = None, device="cpu", to
     if gradient_checkpointing and getattr(denoiser, "_supports_gradient_checkpointing", False):
         denoiser.enable_gradient_checkpointing()
     vae = comps.get("vae") or comps.get("vqvae")
-    card = {"pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__, "scheduler": type(sched).__name__,
+    card = {"preset": HUB_PRESET, "pipeline": type(pipe).__name__, "denoiser": type(denoiser).__name__,
+            "scheduler": type(sched).__name__,
             "vae": type(vae).__name__ if vae is not None else None, "torch_dtype": str(dtype),
             "gradient_checkpointing": gradient_checkpointing, "vae_slicing": vae_slicing, "vae_tiling": vae_tiling}
 

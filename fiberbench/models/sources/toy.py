@@ -107,6 +107,13 @@ class ToySource(ModelSource):
             raise ConfigError(f"weights of {str(spec)!r} not found at {path}")
         return "sha256:" + file_sha256(path)
 
+    def defaults(self, spec: Spec) -> dict[str, Any]:
+        try:
+            card = cards.read_card(spec.name)
+        except ConfigError:
+            return {}
+        return {k: card[k] for k in ("preset", "sampling") if k in card}
+
     def canonical(self, spec: Spec, kind: str) -> str:
         if kind == "extractor" and spec.layer is None:
             card = cards.read_card(spec.name)

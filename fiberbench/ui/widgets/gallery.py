@@ -34,7 +34,7 @@ from ...errors import InputError
 from ...io import as_image_batch, load_image, pil_to_tensor
 from ...plots import image_to_png
 from ...runs.store import Store, cached_sample_fiber
-from ...sampling import METHODS, PRESETS
+from ...sampling import METHODS, NO_PRESET, PRESETS, resolve_settings
 from ...toy import FACTORS
 from ._common import RunStopped, caption_html, guarded, html_table, image_widget, show_error
 from .picker import ModelPicker
@@ -106,7 +106,7 @@ class FiberGallery(W.VBox):
     """
 
     def __init__(self, picker=None, *, store: Any = "default", n: int = 8, steps: int | None = None,
-                 method: str = "ndtm", seed: int = 0, preset: str | None = "toy", vocab: dict | None = None,
+                 method: str = "ndtm", seed: int = 0, preset: str | None = None, vocab: dict | None = None,
                  threaded: bool = True, preview: int = 8, scale: int = 3, batch_size: int = 64):
         self.errors: list[str] = []
         self.picker = picker if picker is not None else ModelPicker()
@@ -150,8 +150,8 @@ class FiberGallery(W.VBox):
         """Method, preset, n (1..256), steps (0..2000, 0 = the preset's) and seed inputs."""
         self.method = W.Dropdown(options=list(METHODS), value=method, description="method",
                                  layout=W.Layout(width="200px"))
-        self.preset = W.Dropdown(options=[("none", None)] + [(p, p) for p in PRESETS], value=preset,
-                                 description="preset", layout=W.Layout(width="220px"))
+        self.preset = W.Dropdown(options=[("recommended", None), ("none", NO_PRESET)] + [(p, p) for p in PRESETS],
+                                 value=preset, description="preset", layout=W.Layout(width="220px"))
         self.n = W.BoundedIntText(value=n, min=1, max=256, description="n", layout=W.Layout(width="150px"))
         self.steps = W.BoundedIntText(value=steps or 0, min=0, max=2000, description="steps",
                                       layout=W.Layout(width="160px"))  # 0: the preset's
@@ -321,8 +321,12 @@ class FiberGallery(W.VBox):
         self.status.value = "loading models …"
 
     def _settings(self) -> dict[str, Any]:
-        steps = self.steps.value or (PRESETS[self.preset.value]["steps"] if self.preset.value else 50)
-        return dict(n=int(self.n.value), method=self.method.value, steps=int(steps), seed=int(self.seed.value),
+        """The sampling settings; steps 0 takes the preset's (the prior's recommended preset when none is chosen)."""
+        steps = int(self.steps.value)
+        if not steps:
+            _, run, _ = resolve_settings(self.method.value, self.preset.value, {}, self.picker.prior_spec)
+            steps = int(run.get("steps", 50))
+        return dict(n=int(self.n.value), method=self.method.value, steps=steps, seed=int(self.seed.value),
                     preset=self.preset.value)
 
     def _run_safe(self) -> None:
