@@ -605,7 +605,8 @@ def test_list_models_real_is_curated(capsys):
     for m in REAL_MODELS:
         assert set(m) >= {"spec", "kind", "for", "size"} and m["kind"] in ("extractor", "clip", "prior")
         s = fb.parse_spec(m["spec"])
-        assert s.source in ("timm", "open_clip", "hf", "diffusers")
+        assert s.source in ("timm", "open_clip", "hf", "diffusers", "guided-diffusion")
+        fb.models.check_spec(m["spec"], m["kind"])  # every curated spec parses for its kind (no weights needed)
     import open_clip
     import timm
 
@@ -621,5 +622,5 @@ def test_list_models_real_is_curated(capsys):
     assert main(["list-models", "--real", "--kind", "prior"]) == 0
     out = capsys.readouterr().out
     assert "diffusers/google/ddpm-cifar10-32" in out and "timm/" not in out
-    assert sum(line.startswith("diffusers/") for line in out.splitlines()) == \
+    assert sum(line.startswith(("diffusers/", "guided-diffusion/")) for line in out.splitlines()) == \
         sum(m["kind"] == "prior" for m in REAL_MODELS)

@@ -144,6 +144,7 @@ MISSING = {
     "torch": ("extractor", "torch/no_such_module_xyz:build", {}),
     "diffusers": ("prior", "diffusers/google/ddpm-cifar10-32", {"cache_dir": "EMPTY"}),
     "mix": ("extractor", "mix/0.5*timm/resnet50.a1_in1k+0.5*toy/shape-resnet@logits", {"cache_dir": "EMPTY"}),
+    "guided-diffusion": ("prior", "guided-diffusion/256x256_diffusion_uncond", {"cache_dir": "EMPTY"}),
 }
 LOADERS = {"extractor": fb.load_extractor, "prior": fb.load_prior, "clip": fb.load_clip}
 
@@ -225,8 +226,19 @@ def _mix_model(tmp_path: Path) -> tuple[str, Path]:
     return f"mix/0.7*{spec}+0.3*toy/shape-resnet@logits", weights
 
 
+def _guided_diffusion_model(tmp_path: Path) -> tuple[str, Path]:
+    from fiberbench.models.adm import ADMUNet, config_from_flags
+
+    flags = dict(image_size=8, num_channels=32, channel_mult="1,1", num_res_blocks=1, attention_resolutions="4",
+                 learn_sigma=True, resblock_updown=True)
+    path = tmp_path / "adm-tiny.pt"
+    torch.save(ADMUNet(config_from_flags(flags)).state_dict(), path)
+    return "guided-diffusion/" + str(path) + "?" + "&".join(f"{k}={v}" for k, v in flags.items()), path
+
+
 LOCAL_MODELS = {"toy": _toy_model, "timm": _timm_model, "open_clip": _open_clip_model, "hf": _hf_model,
-                "torch": _torch_model, "diffusers": _diffusers_model, "mix": _mix_model}
+                "torch": _torch_model, "diffusers": _diffusers_model, "mix": _mix_model,
+                "guided-diffusion": _guided_diffusion_model}
 
 
 @pytest.mark.parametrize("source", sorted(SOURCES))

@@ -14,10 +14,13 @@ rectified flow: ``alpha_t = 1 - sigma_t``), and offers
   that range) and eps_hat re-derived from it;
 - ``step(x_t, x0_hat, eps_hat, t, s, eta, noise)``: the DDIM update from t to
   s (eta = 0: deterministic DDIM, which is exactly the Euler step for flows;
-  eta = 1: the ancestral / DDPM posterior step);
+  eta = 1: the ancestral / DDPM posterior step, with the denoiser's own learned
+  variance where it has one, see :data:`VARIANCES`);
 - ``decode(x0)``: prior space -> images ``[N,3,H,W]`` in [0,1] (identity +
-  rescale for pixel priors, the VAE decoder for latent priors), differentiable;
-- ``encode(images)``: the inverse (for SDEdit starts and time-dependent targets).
+  rescale for pixel priors, the VAE decoder for latent priors; a 1-channel
+  prior's gray images repeated to RGB), differentiable;
+- ``encode(images)``: the inverse (for SDEdit starts and time-dependent targets;
+  RGB to a 1-channel prior's gray by luminance, see :func:`rgb_to_gray`).
 
 Times are *model times* on the scale of ``num_train_timesteps`` (1000): large t
 is noise, t = -1 (diffusion) or 0 (flow) is data. ``tau(t)`` maps them to the
@@ -122,8 +125,21 @@ class Prior(nn.Module):
         """Raw network output at (x_t, t); ``t`` a scalar tensor."""
         raise NotImplementedError
 
+    def model_outputs(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prediction [N,C,H,W], variance output [N,C,H,W] or None)`` at (x_t, t) in one network call.
+
+        The variance output is the second half of a denoiser trained with a learned variance (IDDPM, ADM,
+        DiT), in the parameterisation named by :attr:`variance_type`; priors without one give ``None``.
+        """
+        return self.model_output(x_t, t), None
+
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample | flow
+    # a key of VARIANCES when the denoiser also outputs the variance of its ancestral step, else None
+    variance_type: str | None = None
     clamp_range: tuple[float, float] | None = (-1.0, 1.0)
+    # (x_t, t, variance output) of the last denoiser call with a variance output: the ancestral step from the
+    # same state reuses it instead of calling the network again
+    variance_memo: tuple[torch.Tensor, float, torch.Tensor] | None = None
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor | float,
                 clamp: bool | float = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +152,10 @@ class Prior(nn.Module):
         """
         t = torch.as_tensor(t, dtype=torch.float32)
         a, s = self.alpha_sigma(t)
-        out = self.model_output(x_t, t).to(x_t.dtype)
+        out, var = self.model_outputs(x_t, t)
+        out = out.to(x_t.dtype)
+        if var is not None and self.variance_type is not None:
+            self.variance_memo = (x_t.detach().clone(), float(t), var.detach())
         x0 = PREDICTIONS[self.prediction_type](x_t, out, a, s)
         if clamp is not False and self.clamp_range is not None:
             lo, hi = self.clamp_range
@@ -156,6 +175,10 @@ class Prior(nn.Module):
         ``c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2)``:
         eta = 0 is deterministic DDIM (the Euler step for flows), eta = 1 the
         ancestral DDPM posterior. ``noise`` is z (required when eta > 0).
+
+        With a learned variance (:attr:`variance_type`), eta = 1 is the ancestral step the model was
+        trained for (IDDPM / ADM): the same posterior mean, noise of the learned variance instead of
+        ``c^2`` (:meth:`learned_std`). Other eta keep the DDIM family, which has no learned counterpart.
         """
         a_t, s_t = self.alpha_sigma(t)
         a_s, s_s = self.alpha_sigma(s)
@@ -169,8 +192,37 @@ class Prior(nn.Module):
         direction = torch.sqrt((s_s ** 2 - c ** 2).clamp(min=0))
         x_s = a_s * x0 + direction * eps
         if float(c) > 0:
-            x_s = x_s + c * noise
+            std = self.learned_std(x_t, t, s) if eta == 1 and self.variance_type is not None else c
+            x_s = x_s + std * noise
         return x_s
+
+    def learned_std(self, x_t: torch.Tensor, t, s) -> torch.Tensor:
+        """Standard deviation ``[N,C,H,W]`` of the ancestral step t -> s under the learned variance.
+
+        The variance interpolates, per pixel, between the step's forward variance
+        ``beta = 1 - (alpha_t / alpha_s)^2`` and its posterior variance ``beta_tilde = beta sigma_s^2 /
+        sigma_t^2`` as :data:`VARIANCES` says (for a grid coarser than the training steps these are the
+        respaced process's, as in guided-diffusion's ``SpacedDiffusion`` and diffusers' ``DDPMScheduler``).
+        The variance output is the one of the last :meth:`denoise` call when it was made at the same
+        ``(x_t, t)`` (every sampler steps from the state it has just denoised), else one more network call.
+        """
+        t = torch.as_tensor(t, dtype=torch.float32)
+        memo = self.variance_memo
+        if (memo is not None and memo[1] == float(t) and memo[0].shape == x_t.shape
+                and memo[0].device == x_t.device and torch.equal(memo[0], x_t.detach().to(memo[0].dtype))):
+            var = memo[2]
+        else:
+            with torch.no_grad():
+                var = self.model_outputs(x_t, t)[1]
+            if var is None:
+                raise ConfigError(f"{self.spec}: variance_type {self.variance_type!r} is set but the denoiser "
+                                  f"gives no variance output")
+        a_t, s_t = self.alpha_sigma(t)
+        a_s, s_s = self.alpha_sigma(s)
+        beta = (1 - (a_t / a_s) ** 2).clamp(min=1e-20).to(x_t.device, torch.float32)
+        beta_tilde = (beta * s_s ** 2 / s_t ** 2).clamp(min=1e-20).to(x_t.device, torch.float32)
+        log_var = VARIANCES[self.variance_type](var.float(), beta.log(), beta_tilde.log())
+        return (0.5 * log_var).exp().to(x_t.dtype)
 
     def add_noise(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
         """``alpha_t x0 + sigma_t noise``."""
@@ -191,11 +243,14 @@ class Prior(nn.Module):
 
     # -- data space <-> images --------------------------------------------------------------
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Prior space -> images in [0,1] (differentiable)."""
-        return ((x0 + 1) / 2).clamp(0, 1)
+        """Prior space ``[N,C,H,W]`` in [-1,1] -> images ``[N,3,H,W]`` in [0,1] (differentiable; C = 1: gray
+        repeated to RGB, so extractors always see three channels)."""
+        return gray_to_rgb(((x0 + 1) / 2).clamp(0, 1))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[N,3,H,W]`` in [0,1] -> prior space."""
+        """Images ``[N,3,H,W]`` in [0,1] -> prior space ``[N,C,H,W]`` in [-1,1] (C = 1: :func:`rgb_to_gray`)."""
+        if self.sample_shape[0] == 1:
+            images = rgb_to_gray(images)
         return images * 2 - 1
 
     def extra_repr(self) -> str:
@@ -294,6 +349,34 @@ PREDICTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch
     "flow": lambda x_t, out, a, s: x_t - s * out,  # rectified flow: out = eps - x0, alpha = 1 - sigma
 }
 
+# What a denoiser's variance output means, as the log variance of the ancestral step from (output v,
+# log beta, log beta_tilde): beta = 1 - (alpha_t / alpha_s)^2 is the step's forward variance, beta_tilde the
+# posterior's. "learned_range" (Nichol & Dhariwal 2021; IDDPM, ADM, DiT; diffusers' DDPMScheduler
+# variance_type="learned_range"): log var = f log beta + (1 - f) log beta_tilde with f = (v + 1) / 2, v in
+# [-1, 1]. A new parameterisation is one more entry here.
+VARIANCES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "learned_range": lambda v, log_beta, log_beta_tilde: (v + 1) / 2 * log_beta + (1 - v) / 2 * log_beta_tilde,
+}
+
+# Luminance weights of ITU-R BT.601, the ones PIL's convert("L") uses: a grayscale training set (an X-ray
+# corpus, MNIST) was most likely made from colour with them, and on gray RGB (R = G = B, what
+# fiberbench.io makes of a gray file) they give back that gray exactly, as they sum to 1.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def rgb_to_gray(images: torch.Tensor) -> torch.Tensor:
+    """``[N,3,H,W]`` -> ``[N,1,H,W]`` luminance (:data:`LUMA`), same range; 1-channel input is returned as is."""
+    if images.shape[1] == 1:
+        return images
+    w = torch.tensor(LUMA, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * w).sum(1, keepdim=True)
+
+
+def gray_to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """``[N,1,H,W]`` -> ``[N,3,H,W]`` (the channel repeated); other channel counts are returned as they are."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
 # Noise schedules by prior kind (a diffusers scheduler in, alpha/sigma/tau/times out). A new kind of
 # prior (e.g. a variance-exploding one) is one class with the methods of VPNoise and one entry here.
 NOISE_KINDS: dict[str, type] = {"diffusion": VPNoise, "flow": FlowNoise}
@@ -319,6 +402,7 @@ class PixelPrior(Prior):
         if kind not in NOISE_KINDS:
             raise ConfigError(f"unknown prior kind {kind!r}; known: {sorted(NOISE_KINDS)}")
         self.noise = NOISE_KINDS[kind](scheduler)
+        self.variance_type = learned_variance_type(unet, scheduler)
 
     @property
     def sample_shape(self):
@@ -326,8 +410,11 @@ class PixelPrior(Prior):
         return (c.in_channels, c.sample_size, c.sample_size)
 
     def model_output(self, x_t, t):
+        return self.model_outputs(x_t, t)[0]
+
+    def model_outputs(self, x_t, t):
         tt = t.to(x_t.device).expand(x_t.shape[0])
-        return self.unet(x_t, tt).sample
+        return split_variance(self.unet(x_t, tt).sample, x_t.shape[1], self.variance_type)
 
 
 class LatentPrior(PixelPrior):
@@ -368,18 +455,23 @@ class LatentPrior(PixelPrior):
     def model_output(self, x_t, t):
         """Denoiser output at (x_t, t): UNet2D(Condition)Model, DiT (class label) or SD3 transformer.
 
-        Learned-variance outputs (2C channels, DiT) are cut to the first C; with
-        ``guidance_scale != 1`` the conditional and unconditional calls are batched
+        Learned-variance outputs (2C channels, DiT) are cut to the first C (:meth:`model_outputs` keeps the
+        variance half); with ``guidance_scale != 1`` the conditional and unconditional calls are batched
         and combined as ``u + g (c - u)``.
         """
-        return call_denoiser(self.unet, x_t, t, self.cond, self.uncond, self.guidance_scale)
+        return self.model_outputs(x_t, t)[0]
+
+    def model_outputs(self, x_t, t):
+        return denoiser_outputs(self.unet, x_t, t, self.cond, self.uncond, self.guidance_scale,
+                                variance_type=self.variance_type)
 
     def decode(self, x0):
         z = x0 / self.scaling_factor + self.shift_factor
         img = self.vae.decode(z.to(self.vae.dtype)).sample.to(x0.dtype)
-        return ((img + 1) / 2).clamp(0, 1)
+        return gray_to_rgb(((img + 1) / 2).clamp(0, 1))
 
     def encode(self, images):
+        images = rgb_to_gray(images) if getattr(self.vae.config, "in_channels", 3) == 1 else images
         dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
         return ((dist.mean - self.shift_factor) * self.scaling_factor).to(images.dtype)
 
@@ -398,7 +490,20 @@ def call_denoiser(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict
 
     ``cond``/``uncond``: keyword tensors with batch 1 (``encoder_hidden_states``,
     ``pooled_projections``, ``class_labels``), broadcast to N. The input is cast to
-    the network's dtype (``torch_dtype`` loading); the output keeps that dtype.
+    the network's dtype (``torch_dtype`` loading); the output keeps that dtype. A
+    learned-variance output (2C channels) is cut to its prediction half.
+    """
+    return denoiser_outputs(net, x_t, t, cond, uncond, guidance_scale, variance_type="learned_range")[0]
+
+
+def denoiser_outputs(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None,
+                     uncond: dict[str, torch.Tensor] | None = None, guidance_scale: float = 1.0, *,
+                     variance_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`call_denoiser` keeping the variance half: ``(prediction [N,C,H,W], variance [N,C,H,W] or None)``.
+
+    The variance half is split off when ``variance_type`` is set and the output has 2C channels; with
+    classifier-free guidance the prediction is ``u + g (c - u)`` and the variance the conditional one (as
+    DiT's sampler keeps it).
     """
     cond = dict(cond or {})
     guided = bool(uncond) and float(guidance_scale) != 1.0
@@ -421,12 +526,36 @@ def call_denoiser(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: dict
         out = net(hidden_states=x, timestep=tt, return_dict=False, **kwargs)[0]
     else:
         out = net(x, tt, return_dict=False, **kwargs)[0]
-    if out.shape[1] == 2 * c:  # learned variance (DiT, IDDPM): keep the mean prediction
-        out = out[:, :c]
+    out, var = split_variance(out, c, variance_type)
     if guided:
         oc, ou = out.chunk(2)
         out = ou + float(guidance_scale) * (oc - ou)
-    return out
+        var = None if var is None else var.chunk(2)[0]
+    return out, var
+
+
+def split_variance(out: torch.Tensor, channels: int,
+                   variance_type: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A denoiser's raw output ``[N,C',H,W]`` -> ``(prediction [N,C,H,W], variance half or None)``.
+
+    C' = 2C (learned variance: IDDPM, ADM, DiT): the first C channels are the prediction; the rest are
+    returned when ``variance_type`` is set and dropped otherwise.
+    """
+    if out.shape[1] != 2 * channels:
+        return out, None
+    return out[:, :channels], (out[:, channels:] if variance_type is not None else None)
+
+
+def learned_variance_type(denoiser: nn.Module, scheduler) -> str | None:
+    """``"learned_range"`` for a denoiser with twice as many output as input channels, unless its scheduler
+    declares another variance kind (diffusers' ``variance_type``, e.g. ``fixed_small``, which its own step
+    would use); ``None`` otherwise. DiT's and IDDPM's second half is the learned range (:data:`VARIANCES`)."""
+    cfg = getattr(denoiser, "config", None)
+    cin, cout = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
+    if not cin or cout != 2 * cin:
+        return None
+    declared = getattr(getattr(scheduler, "config", None), "variance_type", None)
+    return "learned_range" if declared in (None, "learned_range") else None
 
 
 class DiffusersPixelPrior(PixelPrior):
@@ -437,7 +566,10 @@ class DiffusersPixelPrior(PixelPrior):
         self.cond = dict(cond or {})
 
     def model_output(self, x_t, t):
-        return call_denoiser(self.unet, x_t, t, self.cond)
+        return self.model_outputs(x_t, t)[0]
+
+    def model_outputs(self, x_t, t):
+        return denoiser_outputs(self.unet, x_t, t, self.cond, variance_type=self.variance_type)
 
 
 class VQLatentPrior(LatentPrior):
@@ -445,9 +577,10 @@ class VQLatentPrior(LatentPrior):
 
     def decode(self, x0):
         img = self.vae.decode((x0 / self.scaling_factor).to(self.vae.dtype)).sample.to(x0.dtype)
-        return ((img + 1) / 2).clamp(0, 1)
+        return gray_to_rgb(((img + 1) / 2).clamp(0, 1))
 
     def encode(self, images):
+        images = rgb_to_gray(images) if getattr(self.vae.config, "in_channels", 3) == 1 else images
         h = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latents
         return (h * self.scaling_factor).to(images.dtype)
 

@@ -2,17 +2,25 @@
 
 Spec grammar: ``<source>/<name>[@<layer>]``
 
-================ ================================================ ======================
-source           name                                             gives
-================ ================================================ ======================
-``toy``          a shipped toy model (``shape-resnet``, …)         any kind
-``timm``         any timm model name (``resnet50.a1_in1k``)        Extractor
-``open_clip``    ``<arch>:<pretrained>`` or ``hf-hub:<repo>``      Extractor / ClipModel
-``hf``           a transformers vision model repo or folder        Extractor
-``torch``        ``<python.module:callable>`` returning nn.Module  Extractor
-``diffusers``    a pipeline folder or hub id                      Prior
-``mix``          ``<w>*<spec>+<w>*<spec>`` (weighted mixture)      Extractor
-================ ================================================ ======================
+==================== ==================================================== ======================
+source               name                                                 gives
+==================== ==================================================== ======================
+``toy``              a shipped toy model (``shape-resnet``, …)             any kind
+``timm``             any timm model name (``resnet50.a1_in1k``)            Extractor
+``open_clip``        ``<arch>:<pretrained>`` or ``hf-hub:<repo>``          Extractor / ClipModel
+``hf``               a transformers vision model repo or folder           Extractor
+``torch``            ``<python.module:callable>`` returning nn.Module      Extractor
+``diffusers``        a pipeline folder or hub id                          Prior
+``mix``              ``<w>*<spec>+<w>*<spec>`` (weighted mixture)          Extractor
+``guided-diffusion`` a published ADM checkpoint name                      Prior
+                     (``256x256_diffusion_uncond``, ``256x256_diffusion``,
+                     … read from ``$FIBERBENCH_GUIDED_DIFFUSION`` or
+                     ``~/.cache/fiberbench/guided-diffusion``), or a file
+                     ``<path>.pt[?<published name>&<flag>=<value>&…]``
+==================== ==================================================== ======================
+
+``hf/`` also takes Qwen2-VL / Qwen2.5-VL repos or folders: their vision tower (``@mean`` of the merged
+patch tokens by default; see :mod:`fiberbench.models.qwen_vl`).
 
 ``@layer`` (extractors only): ``logits``, ``pre_logits`` or a module name.
 
@@ -47,6 +55,8 @@ REAL_MODELS: list[dict[str, str]] = [
      "for": "self-supervised DINOv2 ViT-S/14; note: 518 px input (slow on CPU)"},
     {"spec": "hf/facebook/dinov2-small", "kind": "extractor", "size": "22.1 M",
      "for": "DINOv2 ViT-S/14 via transformers; @pooled = CLS token, 224 px crop"},
+    {"spec": "hf/Qwen/Qwen2-VL-2B-Instruct", "kind": "extractor", "size": "675 M (vision tower; 2.2 B at load)",
+     "for": "Qwen2-VL's vision tower (the fiber paper's situs-inversus audit); @mean of the merged patch tokens"},
     {"spec": "open_clip/ViT-B-32:laion2b_s34b_b79k", "kind": "clip", "size": "151 M (image 88 M)",
      "for": "CLIP scorer for natural images; also an image-tower extractor"},
     {"spec": "open_clip/hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "kind": "clip",
@@ -61,6 +71,11 @@ REAL_MODELS: list[dict[str, str]] = [
      "for": "class-conditional ImageNet 256 latent DiT (class_label=, default unconditional)"},
     {"spec": "diffusers/stabilityai/stable-diffusion-2-1-base", "kind": "prior", "size": "866 M + VAE 84 M",
      "for": "latent SD 2.1, 512 px, empty prompt (prompt= optional); text encoder 340 M at load"},
+    {"spec": "guided-diffusion/256x256_diffusion_uncond", "kind": "prior", "size": "552.8 M",
+     "for": "OpenAI ADM, unconditional ImageNet 256 (the fiber paper's ImageNet prior); learned variance, "
+            "ancestral steps; a .pt file, not on the hub (see guided-diffusion/ in the table above)"},
+    {"spec": "guided-diffusion/256x256_diffusion", "kind": "prior", "size": "553.8 M",
+     "for": "OpenAI ADM, class-conditional ImageNet 256 (class_label= required)"},
     {"spec": "diffusers/stabilityai/stable-diffusion-3-medium-diffusers", "kind": "prior", "size": "2.0 B + VAE 84 M",
      "for": "flow-matching MMDiT (SD3), 1024 px; gated licence; drop_t5=True skips the 4.7 B T5 encoder"},
 ]

@@ -6,4 +6,5 @@ plus its line below.
 # isort: off
 # registration; this order is the order sources are listed in (toy first)
 from . import toy, timm, open_clip, hf, torch_module, diffusers, mix  # noqa: F401
+from . import guided_diffusion  # noqa: F401
 # isort: on

@@ -1,7 +1,9 @@
 """``hf/<repo or folder>``: a ``transformers`` vision model as an extractor.
 
 DINOv2, ViT, ConvNeXt, CLIP/SigLIP image towers…, with the preprocessing of their own image-processor
-config made differentiable. ``transformers`` is an optional dependency (``pip install fiberbench[hf]``).
+config made differentiable; Qwen2-VL / Qwen2.5-VL repos give their vision tower, whose patch inputs are made
+in torch (:mod:`fiberbench.models.qwen_vl`). ``transformers`` is an optional dependency
+(``pip install fiberbench[hf]``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 from ...errors import ConfigError
 from ..extractor import Extractor
 from ..hubcache import HUB_WEIGHT_FILES, is_missing_weights, local_or_cached_checksum, weights_unavailable
+from ..qwen_vl import QWEN_LAYERS, QWEN_VL_TYPES, QwenVisionBody, processor_settings, vision_tower
 from ..registry import ModelSource, Spec, register_source
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -141,6 +144,8 @@ def load_hf_extractor(name: str, layer: str | None, device="cpu", *, cache_dir=N
             raise weights_unavailable(spec, name, e, cache_dir) from None
         raise ConfigError(f"cannot read the transformers config of {spec}: {type(e).__name__}: {e}") from e
     archs = list(getattr(config, "architectures", None) or [])
+    if getattr(config, "model_type", None) in QWEN_VL_TYPES:
+        return load_qwen_vl_extractor(name, layer, config, device=device, common=common, **model_kwargs)
     is_classifier = any(a.endswith("ForImageClassification") for a in archs)
     try:
         if layer == "logits" or (layer is None and is_classifier):
@@ -200,3 +205,40 @@ def _has_pooler(model: nn.Module, size: int) -> bool:
     with torch.no_grad():
         out = model(pixel_values=torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype))
     return getattr(out, "pooler_output", None) is not None
+
+
+def load_qwen_vl_extractor(name: str, layer: str | None, config, *, device: str = "cpu", common: dict[str, Any],
+                           **model_kwargs) -> Extractor:
+    """The vision tower of a Qwen2-VL / Qwen2.5-VL repo or folder as an Extractor (layers: :data:`QWEN_LAYERS`).
+
+    Images ``[N,3,H,W]`` in [0,1] are normalised with the processor's mean/std, resized to its smart size
+    (multiples of 28 px, aspect kept), patched as its processor does and run through ``visual(patches,
+    grid_thw=...)`` (:class:`~fiberbench.models.qwen_vl.QwenVisionBody`). The whole model is loaded (its class
+    from ``architectures``) and all but the tower dropped; ``model_kwargs`` go to ``from_pretrained`` (e.g.
+    ``dtype=``).
+    """
+    import transformers  # noqa: PLC0415 - optional dependency (the [hf] extra), needed only for hf/ specs
+
+    spec = f"hf/{name}"
+    layer = layer or "mean"
+    archs = list(getattr(config, "architectures", None) or [])
+    cls = getattr(transformers, archs[0], None) if archs else None
+    try:
+        model = (cls or transformers.AutoModel).from_pretrained(name, use_safetensors=None, **common, **model_kwargs)
+        processor = transformers.AutoImageProcessor.from_pretrained(name, **common)
+    except Exception as e:  # noqa: BLE001
+        if is_missing_weights(e) and not Path(name).exists():
+            raise weights_unavailable(spec, name, e, common.get("cache_dir")) from None
+        raise ConfigError(f"cannot load {spec}: {type(e).__name__}: {e}") from e
+    tower = vision_tower(model)
+    del model  # the language model is never run
+    pcfg = processor_settings(processor, getattr(config, "vision_config", None))
+    body = QwenVisionBody(tower, patch=pcfg["patch"], merge=pcfg["merge"], temporal=pcfg["temporal"],
+                          min_pixels=pcfg["min_pixels"], max_pixels=pcfg["max_pixels"])
+    body.hooked_module(layer)  # an unknown layer fails here, before any image
+    ex = Extractor(body, spec=f"{spec}@{layer}", layer=layer, input_size=None, mean=pcfg["mean"], std=pcfg["std"],
+                   forward_fn=lambda m, x: m(x, layer),
+                   card={"architectures": archs, "vision_tower": type(tower).__name__, "layers": list(QWEN_LAYERS),
+                         "preprocessing": {**pcfg, "resize": "smart (processor)", "interpolation": "bicubic",
+                                           "source": type(processor).__name__}})
+    return ex.to(device)
