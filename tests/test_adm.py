@@ -250,3 +250,27 @@ def test_published_256_architecture_on_the_meta_device():
     assert "label_emb.weight" not in sd and tuple(cond.state_dict()["label_emb.weight"].shape) == (1000, 1024)
     c64 = config_from_flags(PUBLISHED["64x64_diffusion"])
     assert c64.noise_schedule == "cosine" and c64.use_new_attention_order and c64.attention_ds() == (2, 4, 8)
+
+
+def test_mixed_precision_and_checkpointing_keep_values(tiny):
+    """torch_dtype casts only the torso's convolutions (OpenAI's use_fp16); gradient checkpointing changes memory,
+    not values or gradients."""
+    path, _ = tiny
+    spec = f"guided-diffusion/{path}?{query(TINY)}"
+    plain = fb.load_prior(spec)
+    ckpt = fb.load_prior(spec, gradient_checkpointing=True)
+    half = fb.load_prior(spec, torch_dtype="bfloat16")
+    assert half.unet.input_blocks[1][0].in_layers[2].weight.dtype == torch.bfloat16
+    assert half.unet.out[2].weight.dtype == half.unet.time_embed[0].weight.dtype == torch.float32
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(400.0)
+    grads, outs = [], []
+    for p in (plain, ckpt):
+        xt = x.clone().requires_grad_(True)
+        out = p.model_output(xt, t)
+        out.pow(2).sum().backward()
+        grads.append(xt.grad)
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1]) and torch.allclose(grads[0], grads[1], atol=1e-6)
+    o16 = half.model_output(x, t)
+    assert o16.dtype == torch.float32 and float((o16 - outs[0]).norm() / outs[0].norm()) < 0.05

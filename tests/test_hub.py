@@ -624,3 +624,98 @@ def test_list_models_real_is_curated(capsys):
     assert "diffusers/google/ddpm-cifar10-32" in out and "timm/" not in out
     assert sum(line.startswith(("diffusers/", "guided-diffusion/")) for line in out.splitlines()) == \
         sum(m["kind"] == "prior" for m in REAL_MODELS)
+
+
+# --------------------------------------------------------------------------- learned variance, gray priors
+
+
+def build_ddpm_learned(d: Path) -> None:
+    """A pixel DDPM whose UNet outputs epsilon and a learned-range variance (6 channels), IDDPM-style."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=[8, 16],
+                       down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
+                       norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, variance_type="learned_range")
+                 ).save_pretrained(d)
+
+
+@pytest.mark.parametrize("t, s", [(10, 9), (999, 749), (400, 0)])
+def test_learned_variance_step_is_diffusers_ddpm_step(tmp_path, t, s):
+    """eta = 1 on a learned_range UNet is DDPMScheduler(variance_type="learned_range").step on the same output and
+    noise, on a consecutive and on strided steps (custom timesteps: the respaced betas)."""
+    from diffusers import DDPMScheduler
+
+    build_ddpm_learned(tmp_path / "ddpm")
+    prior = fb.load_prior(f"diffusers/{tmp_path / 'ddpm'}")
+    assert prior.variance_type == "learned_range" and prior.card["variance"] == "learned_range"
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sched = DDPMScheduler.from_pretrained(tmp_path / "ddpm" / "scheduler")
+    if t - s > 1:
+        sched.set_timesteps(timesteps=[t, s])
+    with torch.no_grad():
+        raw = prior.unet(x, torch.tensor([float(t)] * 2)).sample
+        ref = sched.step(raw, t, x, generator=torch.Generator().manual_seed(5)).prev_sample
+    z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    x0, eps = prior.denoise(x, t)
+    ours = prior.step(x, x0, eps, t, s, 1.0, z)
+    assert torch.allclose(ours, ref, atol=2e-5), float((ours - ref).abs().max())
+    prior.variance_memo = None  # not stepping from the denoised state: one more network call, the same step
+    assert torch.allclose(prior.step(x, x0, eps, t, s, 1.0, z), ours, atol=1e-6)
+    # the learned variance: frac log beta + (1 - frac) log beta_tilde of the step, frac = (v + 1) / 2
+    a_t, s_t = prior.alpha_sigma(t)
+    a_s, s_s = prior.alpha_sigma(s)
+    beta = 1 - (a_t / a_s) ** 2
+    frac = (raw[:, 3:] + 1) / 2
+    std = torch.exp(0.5 * (frac * beta.log() + (1 - frac) * (beta * s_s ** 2 / s_t ** 2).log()))
+    assert torch.allclose(ours - prior.step(x, x0, eps, t, s, 1.0, torch.zeros_like(z)), std * z, atol=1e-5)
+
+
+def test_dit_keeps_its_learned_variance(pipes):
+    prior = fb.load_prior(f"diffusers/{pipes['dit']}")
+    assert prior.variance_type == "learned_range" and prior.card["variance"] == "learned_range"
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, s = 700, 450
+    with torch.no_grad():
+        raw = prior.unet(hidden_states=x, timestep=torch.tensor([700.0] * 2),
+                         class_labels=torch.tensor([10, 10]), return_dict=False)[0]
+    eps, var = prior.model_outputs(x, torch.tensor(700.0))
+    assert torch.allclose(eps, raw[:, :4], atol=1e-6) and torch.allclose(var, raw[:, 4:], atol=1e-6)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x0, e = prior.denoise(x, t)
+    noise_part = prior.step(x, x0, e, t, s, 1.0, z) - prior.step(x, x0, e, t, s, 1.0, torch.zeros_like(z))
+    assert torch.allclose(noise_part, prior.learned_std(x, t, s) * z, atol=1e-6)
+    a_t, s_t = prior.alpha_sigma(t)
+    a_s, s_s = prior.alpha_sigma(s)
+    beta = 1 - (a_t / a_s) ** 2
+    frac = (raw[:, 4:] + 1) / 2
+    std = torch.exp(0.5 * (frac * beta.log() + (1 - frac) * (beta * s_s ** 2 / s_t ** 2).log()))
+    assert torch.allclose(prior.learned_std(x, t, s), std, atol=1e-6)
+
+
+def test_one_channel_pixel_prior(tmp_path, tiny_extractor):
+    """A gray DDPM: decode repeats the channel to RGB (what extractors see), encode takes RGB to luminance."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=[8, 16],
+                       down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
+                       norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "gray")
+    prior = fb.load_prior(f"diffusers/{tmp_path / 'gray'}")
+    assert prior.sample_shape == (1, 16, 16) and prior.image_size == 16
+    gray = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    rgb = gray.expand(-1, 3, -1, -1)
+    z = prior.encode(rgb)
+    assert z.shape == (2, 1, 16, 16) and torch.allclose(z, gray * 2 - 1, atol=1e-6)  # gray RGB -> the same gray
+    back = prior.decode(z)
+    assert back.shape == (2, 3, 16, 16) and torch.allclose(back, rgb, atol=1e-6)
+    colour = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    luma = 0.299 * colour[:, :1] + 0.587 * colour[:, 1:2] + 0.114 * colour[:, 2:]
+    assert torch.allclose(prior.encode(colour), luma * 2 - 1, atol=1e-6)
+    ref = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(2))
+    for method in ("ndtm", "unguided"):  # ndtm's preset encodes the reference (time-dependent target)
+        res = fb.sample_fiber(prior, tiny_extractor, ref, n=2, method=method, steps=2, seed=0, progress=False)
+        assert res.images.shape == (2, 3, 16, 16) and torch.isfinite(res.images).all()
+        assert torch.equal(res.images[:, 0], res.images[:, 1]) and torch.equal(res.images[:, 0], res.images[:, 2])

@@ -127,10 +127,12 @@ def load_diffusers_prior(path: str, *, spec: str | None = None, device="cpu", to
         if cond and "class_labels" not in cond:
             raise ConfigError(f"{spec}: text-conditioned pixel pipelines are not supported")
         prior = DiffusersPixelPrior(denoiser, sched, cond=cond, kind=kind, prediction_type=pred, spec=spec, card=card)
+        prior.card["variance"] = prior.variance_type
         return prior.to(device)
     _configure_vae(vae, spec, slicing=vae_slicing, tiling=vae_tiling, checkpointing=gradient_checkpointing)
     cls = VQLatentPrior if type(vae).__name__ == "VQModel" else LatentPrior
     prior = cls(denoiser, vae, sched, kind=kind, prediction_type=pred, cond=cond, spec=spec, card=card)
+    prior.card["variance"] = prior.variance_type  # "learned_range": the ancestral step (eta 1) uses it
     if uncond:
         prior.uncond, prior.guidance_scale = uncond, float(guidance_scale)
     return prior.to(device)
