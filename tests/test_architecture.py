@@ -130,7 +130,7 @@ def test_every_sampler_and_model_source_is_registered_once_with_its_contract():
     assert "conditional" in SAMPLERS and SAMPLERS["conditional"].trained
     for name, s in SAMPLERS.items():
         assert s.name == name and callable(s.fn)
-    assert set(SOURCES) == {"toy", "timm", "open_clip", "hf", "torch", "diffusers", "mix"}
+    assert set(SOURCES) == {"toy", "timm", "open_clip", "hf", "torch", "diffusers", "mix", "guided-diffusion"}
     for name, src in SOURCES.items():
         assert src.name == name and src.kinds
 

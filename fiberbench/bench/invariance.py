@@ -105,11 +105,15 @@ __all__ = [
     "compute_truth", "GRADED_EXTRACTORS",
 ]
 
-# Mixtures of a classifier with the toy CLIP tower (``mix/`` specs): each leaves colour, background, size,
-# position and mirror partly free, so their truths spread over (0, 1) (weights chosen from the measured truth).
+# Mixtures of an extractor with the toy CLIP tower (``mix/`` specs): each leaves colour, background, size,
+# position and mirror partly free, so the truth spreads over (0, 1) instead of two clusters near 0 and 1. With
+# these five the ideal estimator's Spearman at 12 x 8 is 0.968 (5th percentile 0.950; the five plain
+# extractors plus three mixtures: 0.942), measured on the shipped truth (docs/invariance_bench.md).
 GRADED_EXTRACTORS = ("mix/0.79*toy/shape-resnet@logits+0.21*toy/clip@embed",
+                     "mix/0.75*toy/shape-resnet@logits+0.25*toy/clip@embed",
                      "mix/0.71*toy/shape-resnet@logits+0.29*toy/clip@embed",
-                     "mix/0.79*toy/color-vit@logits+0.21*toy/clip@embed")
+                     "mix/0.7*toy/simclr-resnet@embed+0.3*toy/clip@embed",
+                     "mix/0.5*toy/shape-resnet@pre_logits+0.5*toy/clip@embed")
 EXTRACTORS = ("toy/shape-resnet@logits", "toy/shape-resnet@pre_logits", "toy/color-vit@logits",
               "toy/simclr-resnet@embed", "toy/clip@embed") + GRADED_EXTRACTORS
 # computed fiber truths are kept here between runs (the default settings' ship in data/bench/fiber_truth.json)
