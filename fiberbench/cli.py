@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
 import torch
 
 from . import bench
+from .bench.reproduce import QUICK, QUICK_EXTRACTORS, reproduce
 from .errors import FiberbenchError
 from .models import REAL_MODELS, list_models
 from .runs.sweep import benchmark as sweep_benchmark
@@ -57,6 +59,42 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _reproduce_command(args) -> str:
+    """The command line of a ``reproduce`` call, rebuilt from its parsed options (for the provenance line)."""
+    words = ["fiberbench", "reproduce"]
+    for name, value in vars(args).items():
+        if name in ("cmd", "fn") or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        else:
+            words += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return shlex.join(words)
+
+
+def _cmd_reproduce(args) -> int:
+    command = _reproduce_command(args)
+    if args.quick:  # the reduced form `make test` runs; explicit flags still override it
+        for k, v in QUICK.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        args.extractors = args.extractors or list(QUICK_EXTRACTORS)
+        args.preset = args.preset or "toy"
+    if not args.extractors:
+        print("fiberbench: error: reproduce needs --extractors (or --quick)", file=sys.stderr)
+        return 2
+    defaults = dict(n=4, n_references=8, draws=3, bank_size=512, kid_subsets=50)
+    kw = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()}
+    rep = reproduce(args.extractors, args.prior, args.references, bank=args.bank, preset=args.preset,
+                    method=args.method, seed=args.seed, steps=args.steps, spaces=args.spaces,
+                    baseline=not args.no_baseline, out=args.out, batch_size=args.batch_size, device=args.device,
+                    command=command, progress=not args.quiet, **kw)
+    print(rep.files["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in rep.files.values())} ({rep.provenance['seconds']:.0f} s)")
+    return 0
+
+
 def _cmd_sweep(args) -> int:
     summary = run_sweep(args.config, args.out, backend=args.backend, address=args.address,
                         max_jobs=args.max_jobs)
@@ -96,6 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(fn=_cmd_bench)
+
+    q = sub.add_parser("reproduce", help="the fiber paper's tables (fiber loss, nearest neighbour, realism, "
+                                         "spread) for any extractors, as CSV, Markdown and LaTeX")
+    q.add_argument("--extractors", nargs="+", help="extractor specs (default with --quick: the toy classifiers)")
+    q.add_argument("--prior", default="toy/prior-fm")
+    q.add_argument("--references", default="toy", help="'toy' (fresh renders) or an image folder")
+    q.add_argument("--bank", default=None, help="nearest-neighbour and realism images: 'toy' or a folder "
+                                                "(default: the references' source)")
+    q.add_argument("--preset", default=None, help="default: the prior's recommendation")
+    q.add_argument("--method", default="ndtm")
+    q.add_argument("--steps", type=int, default=None, help="default: the preset's (fewer warns)")
+    q.add_argument("--n", type=int, default=None, help="samples per reference (default 4)")
+    q.add_argument("--n-references", type=int, default=None, help="default 8")
+    q.add_argument("--draws", type=int, default=None, help="independent sets of fibers, seeds seed.. (default 3)")
+    q.add_argument("--bank-size", type=int, default=None, help="toy bank renders (default 512)")
+    q.add_argument("--kid-subsets", type=int, default=None, help="default 50")
+    q.add_argument("--spaces", nargs="+", default=None,
+                   help="realism feature spaces: oracle, inception, clip:<spec>, an extractor spec, name=<spec> "
+                        "(default: oracle and clip:toy/clip on the toy world, inception on folders)")
+    q.add_argument("--no-baseline", action="store_true", help="skip the prior's own (unguided) samples")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--out", default="out/reproduce")
+    q.add_argument("--quick", action="store_true", help="2 toy classifiers x 2 references x 2 samples x 2 draws")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(fn=_cmd_reproduce)
 
     q = sub.add_parser("sweep", help="run the missing jobs of a YAML/TOML sweep into a results store")
     q.add_argument("config", help="sweep file (.yaml/.yml/.toml), see fiberbench.sweep")

@@ -8,6 +8,7 @@ from typing import Any
 import diffusers
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from ..identity import content_key
 from ..version import __version__
@@ -15,6 +16,37 @@ from ..version import __version__
 # the config entries that define a run's samples (its run_id); timings, devices and batch sizes do not
 RUN_ID_KEYS = ("extractor", "prior", "method", "loss", "steps", "seed", "n", "init", "hyperparameters",
                "reference_hash")
+# the fiber loss in every convention the fiber paper reports, one per-sample column each (see fiber_losses)
+FIBER_LOSS_COLUMNS = ("fiber_sq_l2", "fiber_l2", "fiber_l1", "fiber_ce", "fiber_ce_soft", "fiber_rms", "fiber_cos")
+
+
+def fiber_losses(features: torch.Tensor, reference_features: torch.Tensor, logits: bool) -> dict[str, torch.Tensor]:
+    """Per-sample fiber loss in every convention of the fiber paper, each ``[M]`` float64.
+
+    ``features`` ``[M,D]`` of the samples and ``reference_features`` ``[M,D]`` (the reference's, repeated per
+    sample). ``fiber_sq_l2`` = sum_d (f - h)^2 (Tables 5-7), ``fiber_l2`` its square root (the cost NDTM
+    minimises with ``loss="l2"``), ``fiber_l1`` = sum_d |f - h| (Table 7), ``fiber_rms`` = sqrt(mean_d (f - h)^2)
+    (colorMNIST), ``fiber_cos`` = 1 - cos(f, h) in [0, 2]. For classifier logits (``logits=True``) also
+    ``fiber_ce``, the cross-entropy of the sample's logits against the argmax of the reference's (>= 0), and
+    ``fiber_ce_soft``, against the softmax of the reference's (Table 7's evaluation code; >= the entropy of
+    that softmax, so not 0 on the fiber); NaN for other features, where a softmax means nothing.
+    """
+    f, h = features.detach().double().cpu(), reference_features.detach().double().cpu()
+    sq = (f - h).pow(2).sum(-1)
+    nan = torch.full_like(sq, float("nan"))
+    return {
+        "fiber_sq_l2": sq, "fiber_l2": sq.sqrt(), "fiber_l1": (f - h).abs().sum(-1),
+        "fiber_ce": F.cross_entropy(f, h.argmax(-1), reduction="none") if logits else nan,
+        "fiber_ce_soft": F.cross_entropy(f, h.softmax(-1), reduction="none") if logits else nan,
+        "fiber_rms": (sq / max(f.shape[-1], 1)).sqrt(),
+        "fiber_cos": 1 - F.cosine_similarity(f, h, dim=-1, eps=1e-12),
+    }
+
+
+def is_logits(spec: str | None) -> bool:
+    """Whether an extractor spec returns a classifier's logits (a loaded extractor's spec names its layer:
+    ``toy/shape-resnet@logits``, ``timm/resnet50.a1_in1k@logits``)."""
+    return isinstance(spec, str) and spec.rsplit("@", 1)[-1] == "logits"
 
 
 @dataclass
@@ -58,7 +90,12 @@ class FiberResult:
         return self.images[i * self.n:(i + 1) * self.n]
 
     def to_frame(self) -> pd.DataFrame:
-        """Tidy table: one row per sample with specs, method, hyper-parameters, seed, distances, status."""
+        """Tidy table: one row per sample with specs, method, hyper-parameters, seed, distances, status.
+
+        ``feature_distance`` is the run's own loss (``config["loss"]``); the :data:`FIBER_LOSS_COLUMNS` hold the
+        same features' distance in every convention of the fiber paper (:func:`fiber_losses`; NaN when the
+        result carries no features).
+        """
         m = self.images.shape[0]
         n = self.n
         ids = self.reference_ids or [str(i) for i in range(self.reference.shape[0])]
@@ -75,6 +112,11 @@ class FiberResult:
             "feature_distance": self.feature_distance.tolist(), "cosine": self.cosine.tolist(),
             "status": self.status,
         }
+        if self.features is not None and self.reference_features is not None:
+            ref = self.reference_features.repeat_interleave(n, dim=0)
+            rows.update({k: v.tolist() for k, v in fiber_losses(self.features, ref, is_logits(c["extractor"])).items()})
+        else:
+            rows.update({k: [float("nan")] * m for k in FIBER_LOSS_COLUMNS})
         df = pd.DataFrame(rows)
         for k, v in sorted(c["hyperparameters"].items()):
             df[f"hp_{k}"] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else v
