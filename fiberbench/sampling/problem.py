@@ -3,12 +3,14 @@
 A sampler never asks which prior or extractor it holds: it calls :meth:`FiberProblem.denoise` (one prior
 call, counted), :meth:`FiberProblem.loss` (decode + extractor + fiber distance, counted), draws all its
 randomness from :attr:`FiberProblem.noise` (one generator per sample, so a sample is the same alone or in
-any batch) and books non-finite values through :meth:`FiberProblem.fault`.
+any batch) and books non-finite values through :meth:`FiberProblem.fault`. With a :class:`StageTimer`
+attached (``sample_fiber(..., profile=True)``) those calls also split the run's wall time into stages.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,115 @@ class NoiseSource:
         return torch.stack([torch.rand(shape, generator=g) for g in self.gens]).to(self.device, self.dtype)
 
 
+# The stages of a profiled run, in the order a guided inner step goes through them (see StageTimer).
+STAGES = ("prior_forward", "decode_forward", "extractor_forward", "extractor_backward", "decode_backward",
+          "prior_backward", "optimiser", "other")
+
+
+class StageTimer:
+    """Wall time per stage of a sampling run (``sample_fiber(..., profile=True)``), from timestamps at stage changes.
+
+    The stages tile the run: every moment belongs to the stage entered last, so their sum is the time between
+    :meth:`start` and :meth:`stop`. :meth:`FiberProblem.denoise` and :meth:`FiberProblem.features` (and the
+    extractor, wrapped in :class:`TimedExtractor`) enter the forward stages; gradient hooks on the tensors
+    between the networks enter the backward ones. In one ``backward()`` the gradient of the extractor's output is
+    complete first (its backward starts), then that of its input images (decode backward starts), then that of
+    x0_hat (prior backward starts), then that of the prior's input: from there to the next network call is
+    ``optimiser`` (NDTM and metamer: the fault guard, gradient clipping and RowAdam; DPS: its guided update and
+    prior step). ``other`` is the rest: prior steps outside DPS's guided update, noise draws, the fiber distance,
+    recording and callbacks. On CUDA every timestamp synchronises the device, so a stage is charged with its
+    kernels and not only their launch (which also removes the host/device overlap a plain run has).
+    ``on_step(i)`` is called at the end of every denoising step ``i`` (from :meth:`FiberProblem.record`), e.g. to
+    read the peak memory without a callback, which would decode x0_hat at every step.
+    """
+
+    def __init__(self, device: torch.device | str, on_step: Callable[[int], None] | None = None):
+        self.device = torch.device(device)
+        self.sync = self.device.type == "cuda"
+        self.on_step = on_step
+        self.seconds = dict.fromkeys(STAGES, 0.0)  # stage -> seconds spent in it
+        self.entries = dict.fromkeys(STAGES, 0)  # stage -> times entered (forward stages: network calls)
+        self.stage, self.since = "other", None
+        self.spent: list[Any] = []  # handles of hooks that have fired; removed outside backward
+
+    def now(self) -> float:
+        """``time.perf_counter()`` after the device's queued work is done."""
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        """Start timing (in ``other``)."""
+        self.stage, self.since = "other", self.now()
+
+    def stop(self) -> None:
+        """Charge the open stage up to now and stop; stages entered until the next :meth:`start` are ignored."""
+        if self.since is not None:
+            self.seconds[self.stage] += self.now() - self.since
+        self.stage, self.since = "other", None
+
+    def enter(self, stage: str) -> None:
+        """Charge the open stage up to now and open ``stage``."""
+        if self.since is None:
+            return
+        now = self.now()
+        self.seconds[self.stage] += now - self.since
+        self.stage, self.since = stage, now
+        self.entries[stage] += 1
+
+    def forward(self, stage: str, inputs: torch.Tensor, then: str) -> None:
+        """Enter forward ``stage`` of a network whose ``inputs`` open stage ``then`` once their gradient is complete."""
+        while self.spent:  # not inside backward: a hook must not remove itself while autograd runs it
+            self.spent.pop().remove()
+        self.enter(stage)
+        self.watch(inputs, then)
+
+    def watch(self, tensor: torch.Tensor, stage: str) -> None:
+        """Enter ``stage`` when the gradient of ``tensor`` is complete (once; nothing if it needs no gradient)."""
+        if not tensor.requires_grad:
+            return
+        handle = None
+
+        def hook(grad: torch.Tensor) -> None:
+            self.enter(stage)
+            self.spent.append(handle)  # a leaf (metamer's image) is hooked again each iteration
+
+        handle = tensor.register_hook(hook)
+
+    def step(self, i: int) -> None:
+        """Step ``i`` of a batch has ended (calls ``on_step``)."""
+        if self.on_step is not None:
+            self.on_step(i)
+
+    def summary(self, wall_seconds: float) -> dict[str, Any]:
+        """Seconds and entries per stage, their sum, the run's ``wall_seconds`` and the residual (wall - sum:
+        the time outside the sampler functions, e.g. setting up each batch)."""
+        total = sum(self.seconds.values())
+        return {"seconds": dict(self.seconds), "entries": dict(self.entries), "sum_seconds": total,
+                "wall_seconds": wall_seconds, "residual_seconds": wall_seconds - total, "synchronized": self.sync}
+
+
+class TimedExtractor:
+    """An extractor whose calls enter the :class:`StageTimer`'s extractor stages; other attributes are the
+    extractor's. A sampler calling ``problem.extractor`` directly (``metamer``) is timed through it too."""
+
+    def __init__(self, inner: Any, timer: StageTimer):
+        self.inner, self.timer = inner, timer
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "timer"):  # not set yet (e.g. while copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, images: torch.Tensor, then: str = "optimiser") -> torch.Tensor:
+        """Features ``[N,D]`` of images ``[N,3,H,W]``; ``then``: the stage after the gradient of ``images``."""
+        self.timer.forward("extractor_forward", images, then)
+        feats = self.inner(images)
+        self.timer.watch(feats, "extractor_backward")
+        self.timer.enter("other")
+        return feats
+
+
 
 @dataclass
 class FiberProblem:
@@ -100,6 +211,7 @@ class FiberProblem:
     streak: torch.Tensor | None = None  # faults since the last finite evaluation
     gave_up: torch.Tensor | None = None  # step/iteration at which guidance was given up, -1 while guided
     updates: torch.Tensor | None = None  # guided updates taken with a finite loss and gradient
+    timer: StageTimer | None = None  # profiling only (see attach)
 
     def __post_init__(self):
         m = self.target.shape[0]
@@ -145,6 +257,12 @@ class FiberProblem:
         self.streak[ok] = 0
         self.updates[ok] += 1
 
+    def attach(self, timer: StageTimer) -> None:
+        """Profile this problem's network calls with ``timer`` (the extractor is wrapped in a
+        :class:`TimedExtractor`); nothing else changes, outputs are bit for bit those of a plain run."""
+        self.timer = timer
+        self.extractor = TimedExtractor(self.extractor, timer)
+
     def amp(self):
         """The autocast context of the networks (``autocast`` dtype on the targets' device; off when None)."""
         dev = self.target.device.type
@@ -153,15 +271,23 @@ class FiberProblem:
     def denoise(self, x_t: torch.Tensor, t, clamp: bool | float = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One counted prior call under the run's autocast: ``(x0_hat, eps_hat)`` in float32."""
         self.calls["denoiser"] += 1
+        if self.timer is not None:
+            self.timer.forward("prior_forward", x_t, then="optimiser")
         with self.amp():
             x0, eps = self.prior.denoise(x_t, t, clamp=clamp)
-        return x0.float(), eps.float()
+        x0, eps = x0.float(), eps.float()
+        if self.timer is not None:
+            self.timer.enter("other")
+        return x0, eps
 
     def features(self, x0: torch.Tensor) -> torch.Tensor:
         """Extractor features of prior-space x0 (decoded to [0,1] images first)."""
         self.calls["extractor"] += 1
         with self.amp():
-            return self.extractor(self.prior.decode(x0)).float()
+            if self.timer is None:
+                return self.extractor(self.prior.decode(x0)).float()
+            self.timer.forward("decode_forward", x0, then="prior_backward")
+            return self.extractor(self.prior.decode(x0), then="decode_backward").float()
 
     def target_at(self, t, mode: str) -> torch.Tensor:
         """The fiber target at model time ``t``: fixed f(x_ref), or h_t = f(x0_hat(x_ref noised to t))."""
@@ -185,6 +311,8 @@ class FiberProblem:
         self.history.append(loss.detach().float().cpu() if loss is not None else torch.full((m,), float("nan")))
         if self.trajectory is not None and x0 is not None:
             self.trajectory.append(self.prior.decode(x0.detach()).cpu())
+        if self.timer is not None:
+            self.timer.step(len(self.history) - 1)
 
 
 def finite_rows(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..seeds import sample_seed
 from .base import Sampler, get_sampler
 from .batching import map_chunks, run_in_chunks
 from .hyperparams import resolve_settings
-from .problem import LOSSES, FiberProblem, NoiseSource, fiber_distance, finite_rows
+from .problem import LOSSES, FiberProblem, NoiseSource, StageTimer, fiber_distance, finite_rows
 from .result import FiberResult, fault_history, run_id, run_versions, sample_status
 
 DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -34,7 +34,8 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
                  seed: int = 0, loss: str | None = None, callback: Callable[[dict], None] | None = None, *,
                  init="noise", preset: str | None = None, batch_size: int = 64, progress: bool = True,
                  return_trajectory: bool = False, dtype: torch.dtype | None = None,
-                 reference_ids: Sequence[str] | None = None, **hyperparameters) -> FiberResult:
+                 reference_ids: Sequence[str] | None = None, profile: bool | StageTimer = False,
+                 **hyperparameters) -> FiberResult:
     """Draw ``n`` samples from the fiber of ``extractor`` through each reference image.
 
     Args:
@@ -56,6 +57,11 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
         batch_size: samples per batched run; on CUDA out-of-memory the batch is halved and retried (in the
             sampling loop, the reference features and the final decode / feature pass), finished work kept.
         dtype: ``torch.bfloat16`` / ``torch.float16`` autocast for the networks (u and Adam stay fp32).
+        profile: split the sampling loop's wall time into stages (prior forward / backward, decode, extractor
+            forward / backward, optimiser, other; :class:`~fiberbench.sampling.problem.StageTimer`) into
+            ``result.config["profile"]``. The images are bit for bit those of a run without it; on CUDA each
+            stage change synchronises the device, which makes the run itself slower. A fresh ``StageTimer``
+            instead of ``True`` is used as given (e.g. with its ``on_step`` hook).
         **hyperparameters: the method's own (its registered defaults name them).
 
     Returns:
@@ -63,7 +69,7 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
     """
     req = validate_request(prior, extractor, reference, n=n, method=method, steps=steps, seed=seed, loss=loss,
                            init=init, preset=preset, batch_size=batch_size, dtype=dtype,
-                           reference_ids=reference_ids, hyperparameters=hyperparameters)
+                           reference_ids=reference_ids, profile=profile, hyperparameters=hyperparameters)
     prior = load_prior(prior) if isinstance(prior, str) else prior
     extractor = load_extractor(extractor) if isinstance(extractor, str) else extractor
     run = prepare(req, prior, extractor)
@@ -89,10 +95,11 @@ class Request:
     dtype: torch.dtype | None
     reference: torch.Tensor  # [B,3,H,W] in [0,1]
     reference_ids: list[str] | None
+    profile: bool | StageTimer = False
 
 
 def validate_request(prior, extractor, reference, *, n, method, steps, seed, loss, init, preset, batch_size,
-                     dtype, reference_ids, hyperparameters) -> Request:
+                     dtype, reference_ids, hyperparameters, profile=False) -> Request:
     """Check every argument of :func:`sample_fiber` (and the specs, without loading them) or raise ``ConfigError``."""
     n = check_int("n", n)
     batch_size = check_int("batch_size", batch_size)
@@ -107,6 +114,8 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
         raise ConfigError(f"unclamped_limit must be 0 (no clamp in unclamped_tau) or >= 1 (a multiple of the data "
                           f"range), got {hp['unclamped_limit']!r}; below 1 it would clamp tighter than the data")
     seed = check_seed("seed", seed)
+    if not isinstance(profile, (bool, StageTimer)):
+        raise ConfigError(f"profile must be True, False or a StageTimer, got {profile!r}")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
     ref = as_image_batch(reference, name="reference")
@@ -119,7 +128,7 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
                    n=n, steps=steps, seed=seed, loss=loss,
                    init=list(init) if isinstance(init, (tuple, list)) else init, t_star=t_star,
                    batch_size=batch_size, dtype=dtype, reference=ref,
-                   reference_ids=list(reference_ids) if reference_ids is not None else None)
+                   reference_ids=list(reference_ids) if reference_ids is not None else None, profile=profile)
 
 
 def check_init(init, sampler: Sampler, hp: dict[str, Any]) -> float | None:
@@ -153,6 +162,7 @@ class Run:
     seeds: list[int]  # per sample, reference-major
     config: dict[str, Any]
     oom: dict[str, int] = field(default_factory=lambda: {"splits": 0})
+    timer: StageTimer | None = None  # profile=True: the stage split of every batch's sampler call
 
     @property
     def total(self) -> int:
@@ -185,8 +195,9 @@ def prepare(req: Request, prior, extractor) -> Run:
     if req.sampler.trained:  # a trained method's cost includes its training (recorded in its model's card)
         config["training_seconds"] = (getattr(prior, "card", {}) or {}).get("training", {}).get("seconds")
     config["run_id"] = run_id(config)
+    timer = req.profile if isinstance(req.profile, StageTimer) else StageTimer(device) if req.profile else None
     return Run(req=req, prior=prior, extractor=extractor, device=device, ref=ref, ref_feats=ref_feats,
-               ref_latent=ref_latent, seeds=seeds, config=config, oom=oom)
+               ref_latent=ref_latent, seeds=seeds, config=config, oom=oom, timer=timer)
 
 
 @dataclass
@@ -241,8 +252,15 @@ def run_chunk(run: Run, rows: list[int], out: Outputs, callback, return_trajecto
     def cb(info):
         callback({**info, "rows": rows})
 
-    with torch.enable_grad():
-        x0 = req.sampler.fn(problem, x, sched, callback=cb if callback else None, disable=True, **req.hp)
+    if run.timer is not None:
+        problem.attach(run.timer)
+        run.timer.start()
+    try:
+        with torch.enable_grad():
+            x0 = req.sampler.fn(problem, x, sched, callback=cb if callback else None, disable=True, **req.hp)
+    finally:
+        if run.timer is not None:
+            run.timer.stop()
     out.x0[rows] = x0.detach().float().cpu()
     out.faults[rows] = problem.faults
     out.halvings[rows], out.gave_up[rows], out.updates[rows] = problem.halvings, problem.gave_up, problem.updates
@@ -305,6 +323,8 @@ def finish(run: Run, out: Outputs, return_trajectory: bool) -> FiberResult:
         final_batch_size_used=final_bs, oom_splits=run.oom["splits"], lr_halvings=int(out.halvings.sum()),
         samples_given_up=int((out.gave_up >= 0).sum()), denoiser_evals_per_sample=out.calls["denoiser"],
         extractor_evals_per_sample=out.calls["extractor"])
+    if run.timer is not None:  # after run_id: profiling does not change what a run is
+        run.config["profile"] = run.timer.summary(out.seconds)
     hist = torch.stack(out.histories, dim=1) if all(h is not None for h in out.histories) else None
     traj = None
     if return_trajectory and all(t is not None for t in out.trajectories):
