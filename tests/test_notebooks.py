@@ -225,14 +225,47 @@ def test_05_real_models_on_tiny_standins(kernel, standins):
     assert mime_count(nb, "application/vnd.plotly.v1+json") == 2
 
 
+PAPER_FIGURES = ("fiber_gallery", "agreement", "change_rates", "colour_shift", "loss")
+
+
+def check_paper_figures(nb, text: str, out, extractors) -> None:
+    """Notebook 06's output: every figure in every format, the sizes, the losses and the agreement matrix."""
+    assert f"PAPER_FIGURES_DONE {3 * len(PAPER_FIGURES)}" in text
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(f"{n}.{f}" for n in PAPER_FIGURES for f in ("png", "svg", "pdf"))
+    assert "PNG size (pixels): (625, 375) expected (625, 375)" in text
+    assert (out / "agreement.pdf").read_bytes()[:5] == b"%PDF-"
+    assert "guided updates" in text  # STEPS=3 is below the preset's: warned with the numbers
+    for spec in extractors:
+        loss = number(text, re.escape(spec) + r": fiber_sq_l2 " + FLOAT)
+        nn = number(text, re.escape(spec) + r": fiber_sq_l2 \S+ \(nearest real image " + FLOAT)
+        assert loss >= 0 and nn >= 0
+    assert "cross-model agreement (rows: whose fibers, columns: judged by):" in text
+
+
 def test_06_paper_figures(kernel, tmp_path):
     out = tmp_path / "figs"
-    nb, text = run_notebook(kernel, "06_paper_figures", dict(EXTRACTORS=two_extractors(), REFERENCES=1, N=2, STEPS=3,
-                                                     STORE=str(tmp_path / "store"), OUT=str(out), DPI=120,
-                                                     WIDTH=500, HEIGHT=300))
-    assert "PAPER_FIGURES_DONE 9" in text
-    files = sorted(p.name for p in out.iterdir())
-    assert files == sorted(f"{n}.{f}" for n in ("fiber_gallery", "change_rates", "loss") for f in ("png", "svg", "pdf"))
-    assert "PNG size (pixels): (625, 375) expected (625, 375)" in text
-    assert (out / "loss.pdf").read_bytes()[:5] == b"%PDF-"
+    exts = two_extractors()
+    nb, text = run_notebook(kernel, "06_paper_figures", dict(EXTRACTORS=exts, N_REFERENCES=2, N=2, STEPS=3,
+                                                     BANK_SIZE=48, STORE=str(tmp_path / "store"), OUT=str(out),
+                                                     DPI=120, WIDTH=500, HEIGHT=300))
+    check_paper_figures(nb, text, out, exts)
+    assert "judged by oracle" in text and "'shape_changed'" in text
 
+
+def test_06_paper_figures_on_tiny_standins(kernel, standins, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"  # a user's folder of images: references and nearest-neighbour bank
+    folder.mkdir()
+    for i, im in enumerate(fb.toy.render(fb.toy.sample_factors(6, seed=11))):
+        arr = (im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).resize((48, 40)).save(folder / f"photo{i}.png")
+    out = tmp_path / "figs"
+    params = dict(PRIOR=standins["PRIOR"], EXTRACTORS=standins["EXTRACTORS"], REFERENCES=str(folder),
+                  JUDGE=standins["CLIPS"][0], CONCEPTS={"object": ["dog", "car"], "colour": ["red", "blue"]},
+                  PRESET="fiber-imagenet", N_REFERENCES=2, N=2, STEPS=3, STORE=None, OUT=str(out), DPI=120,
+                  WIDTH=500, HEIGHT=300)
+    nb, text = run_notebook(kernel, "06_paper_figures", params)
+    check_paper_figures(nb, text, out, standins["EXTRACTORS"])
+    assert "bank of 6 images" in text and "'object_changed'" in text
