@@ -441,7 +441,7 @@ def agreement_matrix(frame: pd.DataFrame, value: str = "relative") -> pd.DataFra
 
 def agreement_heatmap(frame: pd.DataFrame, *, value: str = "relative", title: str | None = None, **kw):
     """A x B heatmap (rows: whose fibers, columns: who judges) of :func:`cross_model_agreement` ``value``."""
-    title = title or "cross-model agreement: judge's distance / distance between unrelated images"
+    title = title or "cross-model agreement (judge distance / unrelated pairs)"
     zmax = max(1.0, float(np.nanmax(frame[value].to_numpy(float)))) if len(frame) else 1.0
     return heatmap(frame, "source", "judge", value, zmin=0.0, zmax=zmax, title=title, **kw)
 

@@ -449,4 +449,4 @@ def colour_shift_figure(results: Mapping[str, FiberResult], bins: int = 21):
     hist = histogram(shifts, "shift", by=["extractor", "channel"], bins=bins)
     hist["bin"] = hist["bin"].round(2)
     return bars(hist, "bin", "density", color="extractor", facet="channel", y_title="fraction of samples",
-                title="colour shift of the fiber samples from their reference (foreground, per channel)")
+                title="colour shift from the reference (foreground)")
