@@ -30,18 +30,19 @@ DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 FAULT_KINDS = ("loss", "gradient", "state")
 
 
-def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm", steps: int | None = None,
+def sample_fiber(prior, extractor, reference=None, n: int = 16, method: str = "ndtm", steps: int | None = None,
                  seed: int = 0, loss: str | None = None, callback: Callable[[dict], None] | None = None, *,
                  init="noise", preset: str | None = None, batch_size: int = 64, progress: bool = True,
                  return_trajectory: bool = False, dtype: torch.dtype | None = None,
                  reference_ids: Sequence[str] | None = None, profile: bool | StageTimer = False,
-                 **hyperparameters) -> FiberResult:
-    """Draw ``n`` samples from the fiber of ``extractor`` through each reference image.
+                 target_features: torch.Tensor | None = None, **hyperparameters) -> FiberResult:
+    """Draw ``n`` samples from the fiber of ``extractor`` through each reference image (or given feature vector).
 
     Args:
         prior: a :class:`~fiberbench.models.prior.Prior` (or a spec string such as ``"toy/prior-fm"``).
         extractor: an :class:`~fiberbench.models.extractor.Extractor` (or a spec string).
-        reference: ``[3,H,W]`` or ``[B,3,H,W]`` in [0,1] (resized to the prior's size if needed).
+        reference: ``[3,H,W]`` or ``[B,3,H,W]`` in [0,1] (resized to the prior's size if needed). Optional
+            when ``target_features`` are given (then, if present, only an SDEdit ``init`` starts from it).
         n: samples per reference.
         method: a registered sampler (:data:`~fiberbench.sampling.base.SAMPLERS`): ``ndtm`` | ``dps`` |
             ``metamer`` | ``unguided`` (and ``conditional``, the trained baseline, on the toy world).
@@ -62,6 +63,13 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
             ``result.config["profile"]``. The images are bit for bit those of a run without it; on CUDA each
             stage change synchronises the device, which makes the run itself slower. A fresh ``StageTimer``
             instead of ``True`` is used as given (e.g. with its ``on_step`` hook).
+        target_features: ``[B,D]`` (or ``[D]``) feature vectors to sample the fibers of, instead of
+            ``f(reference)``: e.g. a classifier's pre-logits with their null-space component removed. ``D`` and
+            the dtype must be the extractor's (probed on one blank image at the prior's size: ``ConfigError``
+            otherwise); a time-dependent target (``target="time"``) needs reference images and is refused.
+            ``reference_ids`` then name the targets; ``result.reference_features`` are the targets and, without
+            reference images, ``result.reference`` is all zeros (black images of the prior's size, a placeholder
+            that ``to_frame`` and the plots accept; compare samples with the targets, not with it).
         **hyperparameters: the method's own (its registered defaults name them).
 
     Returns:
@@ -69,7 +77,8 @@ def sample_fiber(prior, extractor, reference, n: int = 16, method: str = "ndtm",
     """
     req = validate_request(prior, extractor, reference, n=n, method=method, steps=steps, seed=seed, loss=loss,
                            init=init, preset=preset, batch_size=batch_size, dtype=dtype,
-                           reference_ids=reference_ids, profile=profile, hyperparameters=hyperparameters)
+                           reference_ids=reference_ids, profile=profile, hyperparameters=hyperparameters,
+                           target_features=target_features)
     prior = load_prior(prior) if isinstance(prior, str) else prior
     extractor = load_extractor(extractor) if isinstance(extractor, str) else extractor
     run = prepare(req, prior, extractor)
@@ -93,13 +102,19 @@ class Request:
     t_star: float | None
     batch_size: int
     dtype: torch.dtype | None
-    reference: torch.Tensor  # [B,3,H,W] in [0,1]
+    reference: torch.Tensor | None  # [B,3,H,W] in [0,1]; None: feature targets without images
     reference_ids: list[str] | None
     profile: bool | StageTimer = False
+    targets: torch.Tensor | None = None  # [B,D] given target features (None: f(reference))
+
+    @property
+    def count(self) -> int:
+        """Number of fibers ``B`` (references or target vectors)."""
+        return int((self.targets if self.targets is not None else self.reference).shape[0])
 
 
 def validate_request(prior, extractor, reference, *, n, method, steps, seed, loss, init, preset, batch_size,
-                     dtype, reference_ids, hyperparameters, profile=False) -> Request:
+                     dtype, reference_ids, hyperparameters, profile=False, target_features=None) -> Request:
     """Check every argument of :func:`sample_fiber` (and the specs, without loading them) or raise ``ConfigError``."""
     n = check_int("n", n)
     batch_size = check_int("batch_size", batch_size)
@@ -118,9 +133,11 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
         raise ConfigError(f"profile must be True, False or a StageTimer, got {profile!r}")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be None, torch.bfloat16 or torch.float16, got {dtype!r}")
-    ref = as_image_batch(reference, name="reference")
-    if reference_ids is not None and len(reference_ids) != ref.shape[0]:
-        raise ConfigError(f"reference_ids has {len(reference_ids)} entries for {ref.shape[0]} references")
+    ref = as_image_batch(reference, name="reference") if reference is not None or target_features is None else None
+    targets = check_targets(target_features, ref, hp, t_star)
+    count = int((targets if targets is not None else ref).shape[0])
+    if reference_ids is not None and len(reference_ids) != count:
+        raise ConfigError(f"reference_ids has {len(reference_ids)} entries for {count} references")
     for spec, kind in ((prior, "prior"), (extractor, "extractor")):
         if isinstance(spec, str):  # unknown names fail here, before either model is loaded
             check_spec(spec, kind)
@@ -128,7 +145,37 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
                    n=n, steps=steps, seed=seed, loss=loss,
                    init=list(init) if isinstance(init, (tuple, list)) else init, t_star=t_star,
                    batch_size=batch_size, dtype=dtype, reference=ref,
-                   reference_ids=list(reference_ids) if reference_ids is not None else None, profile=profile)
+                   reference_ids=list(reference_ids) if reference_ids is not None else None, profile=profile,
+                   targets=targets)
+
+
+def check_targets(target_features, ref: torch.Tensor | None, hp: dict[str, Any],
+                  t_star: float | None) -> torch.Tensor | None:
+    """Given target features as ``[B,D]`` (a ``[D]`` vector becomes ``[1,D]``), or ``ConfigError``.
+
+    Checked here, before any model loads: shape, finiteness, a floating dtype, agreement with the reference
+    images' count, and that no option needs reference images that are not there. The extractor's own ``D``
+    and dtype are checked in :func:`prepare`, once it is loaded.
+    """
+    if target_features is None:
+        return None
+    t = torch.as_tensor(target_features).detach()
+    if t.ndim == 1:
+        t = t.unsqueeze(0)
+    if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+        raise ConfigError(f"target_features must be [B,D] (or [D]), got shape {tuple(t.shape)}")
+    if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+        raise ConfigError(f"target_features must be finite floating-point values, got dtype {t.dtype}"
+                          + ("" if not t.is_floating_point() else " with non-finite entries"))
+    if hp.get("target") == "time":
+        raise ConfigError("target='time' follows f(x0_hat of x_ref noised to t), which given target_features do "
+                          "not have; use target='fixed'")
+    if ref is None and t_star is not None:
+        raise ConfigError("an SDEdit init starts from the reference images; with target_features alone there are "
+                          "none: pass reference= too, or use init='noise'")
+    if ref is not None and ref.shape[0] != t.shape[0]:
+        raise ConfigError(f"{t.shape[0]} target_features for {ref.shape[0]} reference images: give one per image")
+    return t.cpu()
 
 
 def check_init(init, sampler: Sampler, hp: dict[str, Any]) -> float | None:
@@ -173,7 +220,7 @@ def prepare(req: Request, prior, extractor) -> Run:
     """Resize the references to the prior, compute their features (and latents), the seeds and the config."""
     device = next(prior.parameters()).device
     size = prior.image_size
-    ref = req.reference
+    ref = req.reference if req.reference is not None else torch.zeros(req.count, 3, size, size)
     if tuple(ref.shape[-2:]) != (size, size):
         ref = F.interpolate(ref, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
     ref = ref.to(device)
@@ -181,7 +228,10 @@ def prepare(req: Request, prior, extractor) -> Run:
     seeds = [sample_seed(req.seed, i, j) for i in range(ref.shape[0]) for j in range(req.n)]
     oom = {"splits": 0}
     with torch.no_grad():  # a batch of B references can run out of memory too: split like the samples
-        ref_feats, _ = map_chunks(lambda c: extractor(c).float(), ref, req.batch_size, device, oom)
+        if req.targets is not None:
+            ref_feats = check_target_fit(req.targets, extractor, size, device)
+        else:
+            ref_feats, _ = map_chunks(lambda c: extractor(c).float(), ref, req.batch_size, device, oom)
         need_latent = req.hp.get("target") == "time" or req.t_star is not None
         ref_latent = map_chunks(prior.encode, ref, req.batch_size, device, oom)[0] if need_latent else None
     config: dict[str, Any] = {
@@ -190,7 +240,8 @@ def prepare(req: Request, prior, extractor) -> Run:
         "loss": req.loss, "init": req.init, "preset": req.preset, "preset_from": req.preset_from,
         "hyperparameters": req.hp,
         "batch_size": req.batch_size, "dtype": str(req.dtype) if req.dtype else None, "device": str(device),
-        "versions": run_versions(), "sample_seeds": seeds, "reference_hash": tensor_hash(ref, 16),
+        "versions": run_versions(), "sample_seeds": seeds, "reference_hash": reference_hash(req, ref),
+        "targets": "features" if req.targets is not None else "reference",
     }
     if req.sampler.trained:  # a trained method's cost includes its training (recorded in its model's card)
         config["training_seconds"] = (getattr(prior, "card", {}) or {}).get("training", {}).get("seconds")
@@ -198,6 +249,28 @@ def prepare(req: Request, prior, extractor) -> Run:
     timer = req.profile if isinstance(req.profile, StageTimer) else StageTimer(device) if req.profile else None
     return Run(req=req, prior=prior, extractor=extractor, device=device, ref=ref, ref_feats=ref_feats,
                ref_latent=ref_latent, seeds=seeds, config=config, oom=oom, timer=timer)
+
+
+def check_target_fit(targets: torch.Tensor, extractor, size: int, device: torch.device) -> torch.Tensor:
+    """``targets`` on the device if their dimension and dtype are the extractor's, probed on one blank
+    ``[1,3,size,size]`` image; ``ConfigError`` otherwise."""
+    probe = extractor(torch.zeros(1, 3, size, size, device=device))
+    dim, dtype = int(probe.flatten(1).shape[1]), probe.dtype
+    name = getattr(extractor, "spec", type(extractor).__name__)
+    if targets.shape[1] != dim:
+        raise ConfigError(f"target_features have dimension {targets.shape[1]}, {name} returns {dim}")
+    if targets.dtype != dtype:
+        raise ConfigError(f"target_features are {targets.dtype}, {name} returns {dtype}: convert them "
+                          f"(e.g. target_features.to({dtype})) so the fiber loss compares like with like")
+    return targets.to(device)
+
+
+def reference_hash(req: Request, ref: torch.Tensor) -> str:
+    """What the run's identity knows of its fibers: the reference images, the given targets, or both."""
+    if req.targets is None:
+        return tensor_hash(ref, 16)
+    feats = "features:" + tensor_hash(req.targets, 16)
+    return feats if req.reference is None else f"{tensor_hash(ref, 16)}+{feats}"
 
 
 @dataclass
