@@ -63,10 +63,11 @@ from ..models import load_clip, load_extractor, load_prior
 from ..plots import bars, image_grid
 from ..sampling import FiberResult, resolve_settings, run_versions, sample_fiber
 from ..sampling.result import is_logits
+from ..seeds import REPRODUCE_BANK_SEED, REPRODUCE_REFERENCE_SEED
 from ..toy import load_oracle
 
-REFERENCE_SEED = 80_000  # toy references of `reproduce` (disjoint from the seed bases in fiberbench.seeds)
-BANK_SEED = 81_000  # the toy bank: nearest-neighbour search set and realism reference
+REFERENCE_SEED = REPRODUCE_REFERENCE_SEED
+BANK_SEED = REPRODUCE_BANK_SEED
 QUICK_EXTRACTORS = ("toy/shape-resnet@logits", "toy/color-vit@logits")
 QUICK = dict(n=2, n_references=2, draws=2, bank_size=96, kid_subsets=10)  # `make test`: tens of seconds on a CPU
 TOY_SPACES = ("oracle", "clip:toy/clip")

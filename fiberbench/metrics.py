@@ -1,0 +1,33 @@
+"""The fiber paper's evaluation for any model, at its public import path (code: :mod:`fiberbench.analysis.metrics`)."""
+from .analysis.metrics import (
+    FIBER_LOSS_COLUMNS,
+    FeatureSpace,
+    Neighbours,
+    PresetStepsWarning,
+    agreement_heatmap,
+    agreement_matrix,
+    check_preset_steps,
+    colour_shift,
+    cross_model_agreement,
+    data_scale,
+    embed,
+    feature_space,
+    fiber_losses,
+    frechet_distance,
+    guidance_budget,
+    histogram,
+    kernel_distance,
+    load_image_folder,
+    loss_frame,
+    nearest_neighbours,
+    realism,
+    realism_from_features,
+    sample_diversity,
+    spread,
+)
+
+__all__ = ["FIBER_LOSS_COLUMNS", "FeatureSpace", "PresetStepsWarning", "Neighbours", "agreement_heatmap",
+           "agreement_matrix", "check_preset_steps", "colour_shift", "cross_model_agreement", "data_scale",
+           "embed", "feature_space", "fiber_losses", "frechet_distance", "guidance_budget", "histogram",
+           "kernel_distance", "load_image_folder", "nearest_neighbours", "realism", "realism_from_features",
+           "sample_diversity", "spread", "loss_frame"]
