@@ -191,7 +191,11 @@ def sweep_main(argv: list[str] | None = None) -> int:
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    res = sweep_benchmark(jobs=args.jobs, n=args.n, steps=args.steps)
+    try:
+        res = sweep_benchmark(jobs=args.jobs, n=args.n, steps=args.steps)
+    except FiberbenchError as e:
+        print(f"python -m fiberbench.sweep: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(res, indent=2) if args.json else format_benchmark(res))
     return 0
 

@@ -281,13 +281,15 @@ class FiberProblem:
         return x0, eps
 
     def features(self, x0: torch.Tensor) -> torch.Tensor:
-        """Extractor features of prior-space x0 (decoded to [0,1] images first)."""
+        """Extractor features ``[M,D]`` of prior-space x0 (decoded to [0,1] images first); see
+        :func:`checked_features`."""
         self.calls["extractor"] += 1
         with self.amp():
             if self.timer is None:
-                return self.extractor(self.prior.decode(x0)).float()
+                return checked_features(self.extractor(self.prior.decode(x0)), x0, self.extractor)
             self.timer.forward("decode_forward", x0, then="prior_backward")
-            return self.extractor(self.prior.decode(x0), then="decode_backward").float()
+            return checked_features(self.extractor(self.prior.decode(x0), then="decode_backward"), x0,
+                                    self.extractor)
 
     def target_at(self, t, mode: str) -> torch.Tensor:
         """The fiber target at model time ``t``: fixed f(x_ref), or h_t = f(x0_hat(x_ref noised to t))."""
@@ -313,6 +315,27 @@ class FiberProblem:
             self.trajectory.append(self.prior.decode(x0.detach()).cpu())
         if self.timer is not None:
             self.timer.step(len(self.history) - 1)
+
+
+def checked_features(feats: Any, images: torch.Tensor, extractor: Any) -> torch.Tensor:
+    """An extractor's output for ``images`` ``[N,...]`` as float32 ``[N,D]``, or ``ConfigError`` naming the extractor.
+
+    One row per image: an output broadcast over the batch (``[1,D]`` for any ``N``) would otherwise compare every
+    sample with the same features and report it ``ok``. Real-valued: integer outputs (class indices) have no
+    gradient and no fiber distance. Higher-dimensional outputs are flattened per image, as ``Extractor`` does.
+    """
+    spec = getattr(extractor, "spec", type(extractor).__name__)
+    if not isinstance(feats, torch.Tensor):
+        raise ConfigError(f"extractor {spec} returned a {type(feats).__name__}, not a tensor of features [N,D]")
+    if not feats.is_floating_point():
+        kind = "complex" if feats.is_complex() else "boolean" if feats.dtype == torch.bool else "integer"
+        raise ConfigError(f"extractor {spec} returned {kind} features ({feats.dtype}); fibers need real-valued "
+                          f"features such as logits or embeddings, not class indices")
+    n = images.shape[0]
+    if feats.ndim < 2 or feats.shape[0] != n:
+        raise ConfigError(f"extractor {spec} returned features of shape {tuple(feats.shape)} for {n} images: an "
+                          f"extractor must return one row per image, [N,D] (feats[:, None] for one value per image)")
+    return feats.flatten(1).float()
 
 
 def finite_rows(t: torch.Tensor) -> torch.Tensor:

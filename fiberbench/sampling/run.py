@@ -14,16 +14,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..checks import check_int, check_seed
+from ..checks import MAX_N, MAX_STEPS, check_int, check_seed, is_real, show
 from ..errors import ConfigError
 from ..identity import tensor_hash
 from ..io import as_image_batch
-from ..models import check_spec, load_extractor, load_prior
+from ..models import load_extractor, load_prior
+from ..models.registry import check_available
 from ..seeds import sample_seed
 from .base import Sampler, get_sampler
 from .batching import map_chunks, run_in_chunks
 from .hyperparams import resolve_settings
-from .problem import LOSSES, FiberProblem, NoiseSource, StageTimer, fiber_distance, finite_rows
+from .problem import LOSSES, FiberProblem, NoiseSource, StageTimer, checked_features, fiber_distance, finite_rows
 from .result import FiberResult, fault_history, run_id, run_versions, sample_status
 
 DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -78,7 +79,7 @@ def sample_fiber(prior, extractor, reference=None, n: int = 16, method: str = "n
     req = validate_request(prior, extractor, reference, n=n, method=method, steps=steps, seed=seed, loss=loss,
                            init=init, preset=preset, batch_size=batch_size, dtype=dtype,
                            reference_ids=reference_ids, profile=profile, hyperparameters=hyperparameters,
-                           target_features=target_features)
+                           target_features=target_features, callback=callback)
     prior = load_prior(prior) if isinstance(prior, str) else prior
     extractor = load_extractor(extractor) if isinstance(extractor, str) else extractor
     run = prepare(req, prior, extractor)
@@ -114,13 +115,15 @@ class Request:
 
 
 def validate_request(prior, extractor, reference, *, n, method, steps, seed, loss, init, preset, batch_size,
-                     dtype, reference_ids, hyperparameters, profile=False, target_features=None) -> Request:
+                     dtype, reference_ids, hyperparameters, profile=False, target_features=None,
+                     callback=None) -> Request:
     """Check every argument of :func:`sample_fiber` (and the specs, without loading them) or raise ``ConfigError``."""
-    n = check_int("n", n)
+    check_callables(prior, extractor, callback)
+    n = check_int("n", n, 1, MAX_N)
     batch_size = check_int("batch_size", batch_size)
     sampler = get_sampler(method)
     hp, run, provenance = resolve_settings(method, preset, hyperparameters, prior)
-    steps = check_int("steps", steps if steps is not None else run.get("steps", 50))
+    steps = check_int("steps", steps if steps is not None else run.get("steps", 50), 1, MAX_STEPS)
     loss = loss or run.get("loss", "cosine")
     if loss not in LOSSES:
         raise ConfigError(f"unknown fiber loss {loss!r}; choose one of {LOSSES}")
@@ -139,8 +142,8 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
     if reference_ids is not None and len(reference_ids) != count:
         raise ConfigError(f"reference_ids has {len(reference_ids)} entries for {count} references")
     for spec, kind in ((prior, "prior"), (extractor, "extractor")):
-        if isinstance(spec, str):  # unknown names fail here, before either model is loaded
-            check_spec(spec, kind)
+        if isinstance(spec, str):  # unknown names, layers, modules, undownloaded hub models fail here, before loading
+            check_available(spec, kind)
     return Request(sampler=sampler, hp=hp, preset=provenance["preset"], preset_from=provenance["preset_from"],
                    n=n, steps=steps, seed=seed, loss=loss,
                    init=list(init) if isinstance(init, (tuple, list)) else init, t_star=t_star,
@@ -178,11 +181,25 @@ def check_targets(target_features, ref: torch.Tensor | None, hp: dict[str, Any],
     return t.cpu()
 
 
+def check_callables(prior, extractor, callback) -> None:
+    """``ConfigError`` unless ``prior`` / ``extractor`` are spec strings or models and ``callback`` is callable."""
+    if not isinstance(prior, str) and not hasattr(prior, "denoise"):
+        raise ConfigError(f"prior must be a spec string such as 'toy/prior-fm' or a loaded Prior "
+                          f"(fiberbench.load_prior), got {show(prior)}")
+    if not isinstance(extractor, str) and not callable(extractor):
+        raise ConfigError(f"extractor must be a spec string such as 'toy/shape-resnet@logits' or a callable (an "
+                          f"Extractor / nn.Module) from images [N,3,H,W] to features [N,D], got {show(extractor)}")
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"callback must be callable (called with a dict after every step) or None, got "
+                          f"{show(callback)}")
+
+
 def check_init(init, sampler: Sampler, hp: dict[str, Any]) -> float | None:
     """``None`` for ``init="noise"``; tau_star for ``("sdedit", tau_star)``; ``ConfigError`` otherwise."""
     if isinstance(init, (tuple, list)):
-        if len(init) != 2 or init[0] != "sdedit" or not 0 < float(init[1]) <= 1000:
-            raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star) with 0 < tau_star <= 1000, got {init!r}")
+        if len(init) != 2 or init[0] != "sdedit" or not is_real(init[1]) or not 0 < init[1] <= 1000:
+            raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star) with 0 < tau_star <= 1000, got "
+                              f"{show(init)}")
         if not sampler.supports_init:
             why = ("has no prior and so no SDEdit start" if not sampler.uses_prior
                    else "cannot start from an SDEdit init")
@@ -191,7 +208,7 @@ def check_init(init, sampler: Sampler, hp: dict[str, Any]) -> float | None:
             raise ConfigError("grid_shift gives a grid from pure noise; it cannot start from an SDEdit init")
         return float(init[1])
     if init != "noise":
-        raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star), got {init!r}")
+        raise ConfigError(f"init must be 'noise' or ('sdedit', tau_star), got {show(init)}")
     return None
 
 
@@ -231,7 +248,8 @@ def prepare(req: Request, prior, extractor) -> Run:
         if req.targets is not None:
             ref_feats = check_target_fit(req.targets, extractor, size, device)
         else:
-            ref_feats, _ = map_chunks(lambda c: extractor(c).float(), ref, req.batch_size, device, oom)
+            ref_feats, _ = map_chunks(lambda c: checked_features(extractor(c), c, extractor), ref, req.batch_size,
+                                      device, oom)
         need_latent = req.hp.get("target") == "time" or req.t_star is not None
         ref_latent = map_chunks(prior.encode, ref, req.batch_size, device, oom)[0] if need_latent else None
     config: dict[str, Any] = {
@@ -386,7 +404,8 @@ def finish(run: Run, out: Outputs, return_trajectory: bool) -> FiberResult:
         images = images.clamp(0, 1)
         finite = finite_rows(images)
         images[~finite] = 0.0
-        feats, final_bs = map_chunks(lambda c: run.extractor(c).float(), images, final_bs, device, run.oom, to="cpu")
+        feats, final_bs = map_chunks(lambda c: checked_features(run.extractor(c), c, run.extractor), images, final_bs,
+                                     device, run.oom, to="cpu")
         tgt = run.ref_feats.cpu().repeat_interleave(req.n, dim=0)
         dist = fiber_distance(feats, tgt, req.loss)
         cos = F.cosine_similarity(feats, tgt, dim=-1)
