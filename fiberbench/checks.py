@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import math
 import reprlib
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ConfigError
 
-# Upper limits that catch typos (n: 10000000) before anything is rendered, loaded or run.
+# Upper limits that catch typos (n: 10000000) before anything is rendered, loaded or run. Every entry point
+# (sample_fiber, the store, sweeps, load_image, as_image_batch, the gallery) applies them from here.
 MAX_N = 10_000  # samples per reference (per fiber)
 MAX_STEPS = 10_000  # denoising steps
 MAX_REFERENCES = 10_000  # reference images of one call or sweep
 MAX_JOBS = 100_000  # jobs of one sweep
 MAX_IMAGE_SIDE = 4096  # pixels per side of an image that is resized on load
+MAX_IMAGE_VALUES = 2 ** 30  # values (B x C x H x W) of an image batch passed as an array or tensor (4 GiB float32)
+MAX_CONFIG_BYTES = 1 << 20  # bytes of a sweep file
+MAX_CONFIG_VALUES = 100_000  # values in a sweep config, every YAML alias expanded where it is used
+MAX_CONFIG_DEPTH = 32  # nesting levels of a sweep config
+MAX_MODELS = 1_000  # extractor (or prior) specs listed in one sweep
 SEED_LIMIT = 2 ** 63  # seeds are in [0, 2**63): numpy's SeedSequence and torch generators take them all
 
 _REPR = reprlib.Repr()
@@ -51,6 +57,51 @@ def repr_bounded(value: Any, limit: int = 2000) -> str:
     except Exception as e:  # noqa: BLE001 - a user object whose __repr__ fails still gets a message
         text = f"<{type(value).__name__} object (repr failed: {type(e).__name__})>"
     return text[:limit]
+
+
+def plain_children(value: Any) -> Iterable[Any] | None:
+    """The values inside a mapping (keys and values), list, tuple or set; ``None`` for anything else."""
+    if isinstance(value, Mapping):
+        return [x for kv in value.items() for x in kv]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return value
+    return None
+
+
+def check_expanded_size(name: str, root: Any, children: Callable[[Any], Iterable[Any] | None] = plain_children,
+                        max_values: int = MAX_CONFIG_VALUES, max_depth: int = MAX_CONFIG_DEPTH) -> int:
+    """The number of values in ``root`` with every shared part counted each time it is used; ``ConfigError``
+    past ``max_values``, past ``max_depth`` nesting levels, or for a part that contains itself.
+
+    ``children(v)`` lists what ``v`` holds (``None`` for a scalar), so the same walk bounds plain Python data
+    and a YAML node graph (where an alias is a shared node). Each distinct part is walked once: a document
+    whose aliases would expand to billions of values is refused after a few thousand steps.
+    """
+    sizes: dict[int, int] = {}
+    path: set[int] = set()
+
+    def size(v: Any, depth: int) -> int:
+        inner = children(v)
+        if inner is None:
+            return 1
+        if id(v) in path:
+            raise ConfigError(f"{name} contains itself (a recursive alias or reference)")
+        if id(v) in sizes:
+            return sizes[id(v)]
+        if depth >= max_depth:
+            raise ConfigError(f"{name} is nested more than {max_depth} levels deep")
+        path.add(id(v))
+        total = 1
+        for c in inner:
+            total += size(c, depth + 1)
+            if total > max_values:
+                raise ConfigError(f"{name} holds more than {max_values} values with its aliases expanded "
+                                  f"(an alias bomb, or a config far bigger than a sweep needs)")
+        path.discard(id(v))
+        sizes[id(v)] = total
+        return total
+
+    return size(root, 0)
 
 
 def is_int(value: Any, lo: int | None = None, hi: int | None = None) -> bool:

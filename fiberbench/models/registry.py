@@ -31,12 +31,17 @@ which source they hold. A new source is one new file plus its import line in ``s
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence
 
+import torch
 from torch import nn
 
+from ..checks import show
 from ..errors import ConfigError, close_matches
+from .hubcache import hub_cache_dir
 
 KINDS = ("extractor", "prior", "clip", "oracle", "conditional")
 
@@ -113,9 +118,18 @@ class ModelSource:
         raise NotImplementedError
 
     def check(self, spec: Spec, kind: str) -> None:
-        """Raise ``ConfigError`` if ``spec`` cannot name a model of ``kind`` (no model is loaded)."""
+        """Raise ``ConfigError`` if ``spec`` cannot name a model of ``kind`` (no model is loaded).
+
+        Local facts only, so a load with other arguments (``cache_dir=``, ``pretrained=False``) is never
+        refused: names, layer names (against module names built on the meta device), local paths, modules.
+        """
         if kind not in self.kinds:
             raise ConfigError(wrong_kind(spec, kind, self.kinds))
+
+    def check_available(self, spec: Spec, kind: str) -> None:
+        """Raise ``ConfigError`` if loading ``spec`` as given (no extra arguments) cannot find what it needs
+        offline: hub weights or configs neither in a local folder nor in the local hub cache while the hub
+        is offline (``HF_HUB_OFFLINE``). Online, a missing file is downloaded at load, so nothing is refused."""
 
     def checksum(self, spec: Spec) -> str | None:
         """``"sha256:<hex>"`` of the weights behind ``spec``, or ``None`` where they cannot be found."""
@@ -186,6 +200,56 @@ def check_spec(spec: str, kind: str) -> Spec:
     s = parse_spec(spec)
     SOURCES[s.source].check(s, kind)
     return s
+
+
+def check_available(spec: str, kind: str) -> Spec:
+    """:func:`check_spec`, plus what a load of ``spec`` with no extra arguments needs from the hub: refused
+    up front when it is not in the local cache and the hub is offline (:meth:`ModelSource.check_available`)."""
+    s = check_spec(spec, kind)
+    SOURCES[s.source].check_available(s, kind)
+    return s
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` is set: hub files can come only from the local cache."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def not_downloaded(spec: str, repo: str, what: str = "weights") -> ConfigError:
+    """The error for a hub ``repo`` whose ``what`` is not in the local cache while the hub is offline."""
+    return ConfigError(f"cannot use {spec!r}: the {what} of hub repo {repo!r} are not downloaded (not in the local "
+                       f"Hugging Face cache {hub_cache_dir()}, and HF_HUB_OFFLINE is set). Check the name; download "
+                       f"it on a machine with network (`hf download {repo}`), or pass a local folder instead")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a spec's name is meant as a file-system path (absolute, ``./``, ``../``, ``~``) or names one
+    that exists, rather than a hub id or a library's model name."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+BUILTIN_LAYERS = ("logits", "pre_logits", "embed")  # layers every Extractor takes besides module names
+_MODULE_NAMES: dict[Hashable, tuple[str, ...]] = {}
+
+
+def meta_module_names(key: Hashable, build: Callable[[], nn.Module]) -> tuple[str, ...]:
+    """The sub-module names of the model ``build()`` makes, built on the meta device (no weights, no memory),
+    cached under ``key`` (which must change when the architecture can)."""
+    if key not in _MODULE_NAMES:
+        with torch.device("meta"):
+            model = build()
+        _MODULE_NAMES[key] = tuple(name for name, _ in model.named_modules() if name)
+    return _MODULE_NAMES[key]
+
+
+def check_layer(spec: str, layer: str, names: Sequence[str], builtin: Sequence[str] = BUILTIN_LAYERS) -> None:
+    """``ConfigError`` listing the valid layers unless ``layer`` is one of ``builtin`` or a module name."""
+    if layer in builtin or layer in names:
+        return
+    hint = close_matches(layer[:200], names)
+    raise ConfigError(f"layer {show(layer, typed=False)} not found in {spec}; valid: {', '.join(builtin)} or a module "
+                      f"name such as {list(names[:12])}{' …' if len(names) > 12 else ''}"
+                      + (f"; did you mean {hint}?" if hint else ""))
 
 
 def list_models(pattern: str = "*", kind: str | None = None, real: bool = False) -> list[str]:

@@ -11,13 +11,30 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 
 from ...errors import ConfigError
 from ..extractor import Extractor
-from ..hubcache import HUB_WEIGHT_FILES, is_missing_weights, local_or_cached_checksum, weights_unavailable
+from ..hubcache import (
+    HUB_WEIGHT_FILES,
+    cached_hub_file,
+    is_missing_weights,
+    local_or_cached_checksum,
+    weights_unavailable,
+)
 from ..qwen_vl import QWEN_LAYERS, QWEN_VL_TYPES, QwenVisionBody, processor_settings, vision_tower
-from ..registry import ModelSource, Spec, register_source
+from ..registry import (
+    ModelSource,
+    Spec,
+    check_layer,
+    hub_offline,
+    looks_like_path,
+    meta_module_names,
+    not_downloaded,
+    register_source,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,11 +45,56 @@ class HfSource(ModelSource):
     name = "hf"
     kinds = ("extractor",)
 
+    def check(self, spec: Spec, kind: str) -> None:
+        """A folder must exist and hold ``config.json``; anything else must be a valid hub repo id; a module-name
+        ``@layer`` is checked against the model built from a local (or cached) config on the meta device."""
+        super().check(spec, kind)
+        if looks_like_path(spec.name):
+            folder = Path(spec.name).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"'hf/{spec.name}': " + (f"no config.json in folder {folder}; a transformers "
+                                  f"save_pretrained folder holds one" if folder.is_dir() else f"no folder {folder}"))
+        else:
+            try:
+                validate_repo_id(spec.name)
+            except HFValidationError as e:
+                raise ConfigError(f"'hf/{spec.name}' is neither a folder nor a hub repo id ('<owner>/<name>'): "
+                                  f"{str(e).splitlines()[0][:200]}") from None
+        if spec.layer and spec.layer not in HF_LAYERS:
+            names = hf_module_names(spec.name)
+            if names is not None:
+                check_layer(f"hf/{spec.name}", spec.layer, names, builtin=HF_LAYERS)
+
+    def check_available(self, spec: Spec, kind: str) -> None:
+        """Offline, a hub id's ``config.json`` must be in the local hub cache."""
+        if hub_offline() and not looks_like_path(spec.name) and cached_hub_file(spec.name, ("config.json",)) is None:
+            raise not_downloaded(f"hf/{spec.name}", spec.name, what="config and weights")
+
     def load_extractor(self, spec: Spec, device: str, **kwargs: Any) -> Extractor:
         return load_hf_extractor(spec.name, spec.layer, device=device, **kwargs)
 
     def checksum(self, spec: Spec) -> str | None:
         return local_or_cached_checksum(spec.name, HUB_WEIGHT_FILES)
+
+
+def hf_module_names(name: str) -> tuple[str, ...] | None:
+    """Module names of ``AutoModel`` for a folder's or a cached hub repo's config, built on the meta device;
+    ``None`` when the config is not here, needs remote code, or is a Qwen-VL repo (its tower's layers are
+    checked by the loader)."""
+    local = Path(name).expanduser()
+    config_file = local / "config.json" if local.is_dir() else cached_hub_file(name, ("config.json",))
+    if config_file is None or not Path(config_file).is_file():
+        return None
+    import transformers  # noqa: PLC0415 - optional dependency (the [hf] extra), needed only for hf/ layer checks
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(Path(config_file).parent), local_files_only=True)
+        if getattr(config, "model_type", None) in QWEN_VL_TYPES:
+            return None
+        stamp = Path(config_file).stat().st_mtime_ns
+        return meta_module_names(("hf", str(config_file), stamp), lambda: transformers.AutoModel.from_config(config))
+    except Exception:  # noqa: BLE001 - remote code, an unknown model type …: the loader says what is wrong
+        return None
 
 
 

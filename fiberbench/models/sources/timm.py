@@ -19,7 +19,17 @@ from ..hubcache import (
     local_or_cached_checksum,
     weights_unavailable,
 )
-from ..registry import ModelSource, Spec, register_source
+from ..registry import (
+    BUILTIN_LAYERS,
+    ModelSource,
+    Spec,
+    check_layer,
+    hub_offline,
+    looks_like_path,
+    meta_module_names,
+    not_downloaded,
+    register_source,
+)
 
 
 def _timm_names(name: str) -> tuple[str, str]:
@@ -44,8 +54,40 @@ class TimmSource(ModelSource):
     kinds = ("extractor",)
 
     def check(self, spec: Spec, kind: str) -> None:
+        """The architecture name (timm's registry), a folder's existence, and a module-name ``@layer`` against
+        the model built on the meta device (no weights)."""
         super().check(spec, kind)
+        if not spec.name.startswith("hf-hub:") and looks_like_path(spec.name) and not Path(spec.name).is_dir():
+            raise ConfigError(f"'timm/{spec.name}': no folder {spec.name} (a timm model name has no '/'; a folder "
+                              f"holds config.json and model.safetensors)")
         check_timm_name(spec.name)
+        model_name, _ = _timm_names(spec.name)
+        if not spec.layer or spec.layer in BUILTIN_LAYERS or model_name.startswith("hf-hub:"):
+            return  # hub configs are read at load
+        config = Path(spec.name) / "config.json"
+        stamp = config.stat().st_mtime_ns if config.is_file() else None
+        try:
+            names = meta_module_names(("timm", model_name, stamp),
+                                      lambda: timm.create_model(model_name, pretrained=False))
+        except Exception:  # noqa: BLE001 - an unbuildable folder is reported by the loader, with its reason
+            return
+        check_layer(f"timm/{spec.name}", spec.layer, names)
+
+    def check_available(self, spec: Spec, kind: str) -> None:
+        """Offline, the pretrained weights must be in the local hub cache (architectures without hub weights,
+        folders and online loads are not checked)."""
+        model_name, base = _timm_names(spec.name)
+        if not hub_offline() or model_name.startswith("local-dir:"):
+            return
+        if model_name.startswith("hf-hub:"):
+            repo = base
+        else:
+            try:
+                repo = getattr(timm.models.get_pretrained_cfg(base), "hf_hub_id", None)
+            except Exception:  # noqa: BLE001 - no pretrained config: nothing to look for in the cache
+                repo = None
+        if repo and cached_hub_file(repo, HUB_WEIGHT_FILES) is None:
+            raise not_downloaded(f"timm/{spec.name}", repo)
 
     def load_extractor(self, spec: Spec, device: str, **kwargs: Any) -> Extractor:
         return load_timm_extractor(spec.name, spec.layer, device=device, **kwargs)

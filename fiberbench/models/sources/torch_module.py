@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from typing import Any, Sequence
 
 from torch import nn
@@ -18,10 +20,29 @@ class TorchModuleSource(ModelSource):
     kinds = ("extractor",)
 
     def check(self, spec: Spec, kind: str) -> None:
+        """The ``module:callable`` form, that the module can be found (its parent packages are imported, the
+        module itself only by the loader), and the callable when the module is already imported."""
         super().check(spec, kind)
-        if ":" not in spec.name:
+        mod_name, _, attr = spec.name.partition(":")
+        if not mod_name or not attr:
             raise ConfigError(f"{str(spec)!r}: expected 'torch/<python.module>:<callable>', "
                               f"e.g. 'torch/mypkg.models:build'")
+        try:
+            found = importlib.util.find_spec(mod_name)
+        except Exception as e:  # noqa: BLE001 - a parent package that is missing or fails to import
+            raise ConfigError(f"torch/{spec.name}: cannot import module {mod_name!r} "
+                              f"({type(e).__name__}: {str(e)[:200]}); is it on sys.path / installed?") from None
+        if found is None:
+            raise ConfigError(f"torch/{spec.name}: cannot import module {mod_name!r}: no such module; is it on "
+                              f"sys.path / installed?")
+        obj = sys.modules.get(mod_name)
+        for part in attr.split(".") if obj is not None else ():
+            if not hasattr(obj, part):
+                public = [n for n in dir(sys.modules[mod_name]) if not n.startswith("_")]
+                hint = close_matches(part, public)
+                raise ConfigError(f"torch/{spec.name}: {mod_name!r} has no attribute {attr!r}"
+                                  + (f"; did you mean {hint}?" if hint else f"; it defines {public[:12]}"))
+            obj = getattr(obj, part)
 
     def load_extractor(self, spec: Spec, device: str, **kwargs: Any) -> Extractor:
         return load_torch_extractor(spec.name, spec.layer, device=device, **kwargs)

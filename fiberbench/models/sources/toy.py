@@ -11,11 +11,12 @@ from typing import Any
 from ...errors import ConfigError, close_matches
 from ...identity import file_sha256
 from ...toy import cards
+from ...toy.nets import build_module
 from ...toy.vocab import toy_tokenizer
 from ..clip import ClipModel
 from ..extractor import Extractor
 from ..prior import FeatureConditionedPrior, PixelPrior, Prior, build_scheduler
-from ..registry import ModelSource, Spec, register_source
+from ..registry import BUILTIN_LAYERS, ModelSource, Spec, check_layer, meta_module_names, register_source
 
 # (requested kind, registry kind of the card) pairs that also load: the conditional generator through
 # load_prior (method="conditional" samples it); the toy CLIP's image tower as an extractor (@embed)
@@ -51,6 +52,12 @@ class ToySource(ModelSource):
             hint = close_matches(f"toy/{spec.name}", known)
             raise ConfigError(f"unknown {kind} 'toy/{spec.name}'; available: {known}"
                               + (f"; did you mean {hint}?" if hint else ""))
+        if kind == "extractor" and spec.layer and spec.layer not in BUILTIN_LAYERS:
+            card = cards.read_card(spec.name)
+            st = cards.card_path(spec.name).stat()  # a retrained card may change the architecture
+            names = meta_module_names(("toy", str(cards.card_path(spec.name)), st.st_mtime_ns, st.st_size),
+                                      lambda: build_module(card))
+            check_layer(f"toy/{spec.name}", spec.layer, names)
 
     def specs(self) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
