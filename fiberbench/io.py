@@ -28,10 +28,14 @@ NaN / inf pixels               error
 bool arrays / tensors          False -> 0, True -> 1
 empty or 0-sized               error
 decompression bombs            error (Pillow's ``MAX_IMAGE_PIXELS`` x 2, ~179 Mpx)
+pipes, sockets, devices        error (only regular files are opened, never blocking)
+two possible layouts           error naming both readings and how to pick one
+meta, sparse, quantized        error (no pixel values to read)
+> 2**30 values, > 10,000 imgs  error (``MAX_IMAGE_VALUES``, ``MAX_REFERENCES``)
 ============================  =====================================================
 
-Sizes: images are never resized unless asked (``load_image(size=…)``) or
-needed (``sample_fiber`` resizes references to the prior's square size).
+Sizes: images are never resized unless asked (``load_image(size=…)``, at most
+``MAX_IMAGE_SIDE`` = 4096) or needed (``sample_fiber`` resizes references to the prior's square size).
 Resizing squashes to ``size x size`` (the aspect ratio is not kept) with
 antialiased bicubic interpolation, clamped to [0,1]; a huge file is first
 box-reduced by an integer factor in Pillow (keeping at least twice the target
@@ -40,17 +44,20 @@ size) so memory stays bounded. A 1x1 image is a constant image at any size.
 from __future__ import annotations
 
 import io
+import os
 import pickletools
+import stat
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors.torch import load_file
 
+from .checks import MAX_IMAGE_SIDE, MAX_IMAGE_VALUES, MAX_REFERENCES, is_int, show
 from .errors import ConfigError, InputError
 
 # --------------------------------------------------------------------------- checkpoints
@@ -147,10 +154,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     the message names the globals it would have imported).
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise InputError(f"checkpoint {path} is a folder, not a weights file")
+    with open_regular_file(path, "checkpoint"):  # missing files, pipes and devices are refused here
+        pass
     if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
             return load_file(str(path))
@@ -194,23 +201,66 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- images
 
+def open_regular_file(path: str | Path, what: str = "file") -> IO[bytes]:
+    """``path`` opened for binary reading if it is a regular file, else ``InputError`` naming it.
+
+    Opened non-blocking: a named pipe, socket or device is refused at once instead of blocking the caller
+    (an image that never arrives) or being read without end.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {path} is a folder") from None
+    except OSError as e:
+        raise InputError(f"cannot open {what} {path}: {e.strerror or type(e).__name__}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{what} {path} is a folder")
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{what} {path} is not a regular file (a named pipe, socket or device); "
+                             f"save its content to a file first")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
 def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
     """Read an image file as ``[3,H,W]`` float32 in [0,1] (``[3,size,size]`` if ``size`` is given).
 
     Conversions (see the module docstring): grayscale repeated to RGB, alpha composited on white,
-    16-bit grayscale scaled by 65535, EXIF orientation applied; ``size`` squashes to ``size x size``
-    with antialiased bicubic interpolation. Raises ``InputError`` naming the file for missing,
-    unreadable, truncated, empty, non-finite or ambiguous images and decompression bombs;
-    ``ConfigError`` for a bad ``size``.
+    16-bit grayscale scaled by 65535, EXIF orientation applied; ``size`` (at most ``MAX_IMAGE_SIDE``)
+    squashes to ``size x size`` with antialiased bicubic interpolation. Raises ``InputError`` naming the
+    file for missing, unreadable, truncated, empty, non-finite or ambiguous images, decompression bombs and
+    anything but a regular file (a named pipe would block); ``ConfigError`` for a bad ``size``.
     """
-    _check_size(size)
+    check_size(size)
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"image file {path} does not exist")
-    if path.is_dir():
-        raise InputError(f"image file {path} is a folder")
+    with open_regular_file(path, "image file") as fh:
+        return decode_image(fh, str(path), size)
+
+
+def load_image_bytes(data: bytes | bytearray | memoryview, name: str = "uploaded image",
+                     size: int | None = None) -> torch.Tensor:
+    """:func:`load_image` for the bytes of an image file (an upload): the same conversions, limits and errors,
+    which name ``name`` (e.g. the uploaded file's name)."""
+    check_size(size)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InputError(f"{name}: expected the bytes of an image file, got {type(data).__name__}")
+    if len(data) == 0:
+        raise InputError(f"cannot read {name} as an image: the file is empty (0 bytes)")
+    return decode_image(io.BytesIO(bytes(data)), name, size)
+
+
+def decode_image(fh: IO[bytes], name: str, size: int | None = None) -> torch.Tensor:
+    """An open image file (``fh``, named ``name`` in errors) as ``[3,H,W]`` float32 in [0,1] (see
+    :func:`load_image`)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(fh) as im:
             if size is not None and im.format == "JPEG":
                 im.draft("RGB", (2 * size, 2 * size))  # decode a huge JPEG at a reduced scale
             im.load()
@@ -220,15 +270,19 @@ def load_image(path: str | Path, size: int | None = None) -> torch.Tensor:
         except Exception:  # noqa: BLE001 - broken EXIF: keep the pixels as stored
             pass
     except Image.DecompressionBombError as e:
-        raise InputError(f"{path} is too large to read safely ({e}); resize it first") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
-        raise InputError(f"cannot read {path} as an image: {type(e).__name__}: {e}") from None
-    return pil_to_tensor(img, size=size, name=str(path))
+        raise InputError(f"{name} is too large to read safely ({e}); resize it first") from None
+    except UnidentifiedImageError:
+        raise InputError(f"cannot read {name} as an image: not a format Pillow recognises "
+                         f"(or not an image at all)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise InputError(f"cannot read {name} as an image: {type(e).__name__}: {e}") from None
+    return pil_to_tensor(img, size=size, name=name)
 
 
-def _check_size(size) -> None:
-    if size is not None and (not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1):
-        raise ConfigError(f"size must be a positive integer or None, got {size!r}")
+def check_size(size: Any) -> None:
+    """``ConfigError`` unless ``size`` is ``None`` or an integer in ``[1, MAX_IMAGE_SIDE]``."""
+    if size is not None and not is_int(size, 1, MAX_IMAGE_SIDE):
+        raise ConfigError(f"size must be a positive integer (at most {MAX_IMAGE_SIDE}) or None, got {show(size)}")
 
 
 def _resize(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -241,7 +295,7 @@ def _resize(t: torch.Tensor, size: int) -> torch.Tensor:
 
 def pil_to_tensor(img, size: int | None = None, name: str = "image") -> torch.Tensor:
     """A PIL image -> ``[3,H,W]`` float32 in [0,1] (conversions as in :func:`load_image`)."""
-    _check_size(size)
+    check_size(size)
     if img.width < 1 or img.height < 1:
         raise InputError(f"{name} is empty ({img.width}x{img.height})")
     mode = img.mode
@@ -275,74 +329,125 @@ def pil_to_tensor(img, size: int | None = None, name: str = "image") -> torch.Te
     return _resize(t, size) if size is not None else t
 
 
-def _to_tensor(images: Any, name: str) -> torch.Tensor:
+def _to_tensor(images: Any, name: str, depth: int = 0) -> torch.Tensor:
     """numpy arrays, PIL images, paths and lists of them -> a tensor (no value conversion yet)."""
     if isinstance(images, (str, Path)):
         return load_image(images)
     if isinstance(images, Image.Image):
         return pil_to_tensor(images, name=name)
     if isinstance(images, (list, tuple)):
-        if not images:
-            raise InputError(f"{name}: empty list of images")
-        items = [as_image_batch(im, name=f"{name}[{i}]") for i, im in enumerate(images)]
-        sizes = sorted({tuple(x.shape[-2:]) for x in items})
-        if len(sizes) > 1:
-            raise InputError(f"{name}: images of different sizes {sizes[:6]}; load them with "
-                             f"fiberbench.io.load_image(path, size=...) to one size first")
-        return torch.cat(items)
+        return _stack_list(images, name, depth)
     if isinstance(images, np.ndarray):
-        arr = images
-        if arr.dtype == object or arr.dtype.kind not in "biuf":
-            raise InputError(f"{name}: numpy array of dtype {arr.dtype} is not an image")
-        if not arr.dtype.isnative:
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        # channels-last (HWC / BHWC, as PIL and most numpy code hold images) when the last axis has 1-4
-        # entries, unless the channel-first axis has 1 or 3 (a grayscale / RGB CHW array)
-        if arr.ndim == 3 and arr.shape[-1] in (1, 2, 3, 4) and arr.shape[0] not in (1, 3):
-            arr = np.moveaxis(arr, -1, 0)
-        elif arr.ndim == 4 and arr.shape[-1] in (1, 2, 3, 4) and arr.shape[1] not in (1, 3):
-            arr = np.moveaxis(arr, -1, 1)
-        if arr.dtype == np.uint16:
-            return torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32) / 65535.0)
-        if arr.dtype.kind == "f" and arr.dtype not in (np.float16, np.float32, np.float64):
-            arr = arr.astype(np.float64)  # e.g. longdouble
-        try:
-            return torch.from_numpy(np.ascontiguousarray(arr))
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{name}: numpy array of dtype {arr.dtype} cannot be used as an image ({e})") from None
+        return _numpy_to_tensor(images, name)
     if not isinstance(images, torch.Tensor):
         raise InputError(f"{name}: expected an image tensor, array, PIL image, path or a list of them, "
                          f"got {type(images).__name__}")
     return images
 
 
-def as_image_batch(images: Any, name: str = "reference") -> torch.Tensor:
-    """Validate / convert user images to ``[B,3,H,W]`` float32 in [0,1] (detached, contiguous).
+def _stack_list(images: list | tuple, name: str, depth: int) -> torch.Tensor:
+    """A list of images (each anything :func:`as_image_batch` takes) of one size -> one batch."""
+    if not images:
+        raise InputError(f"{name}: empty list of images")
+    if len(images) > MAX_REFERENCES or depth >= 4:
+        raise InputError(f"{name}: a list of {len(images)} images nested {depth + 1} deep; at most "
+                         f"{MAX_REFERENCES} images in lists at most 4 deep")
+    items, values = [], 0
+    for i, im in enumerate(images):
+        items.append(_as_batch(im, f"{name}[{i}]", depth + 1))
+        values += items[-1].numel()
+        if values > MAX_IMAGE_VALUES:
+            raise InputError(f"{name}: the images hold more than {MAX_IMAGE_VALUES} values in all; pass fewer "
+                             f"or smaller images (load_image(path, size=...))")
+    sizes = sorted({tuple(x.shape[-2:]) for x in items})
+    if len(sizes) > 1:
+        raise InputError(f"{name}: images of different sizes {sizes[:6]}; load them with "
+                         f"fiberbench.io.load_image(path, size=...) to one size first")
+    return torch.cat(items)
 
-    Accepts a ``[3,H,W]`` or ``[B,3,H,W]`` tensor (float in [0,1]; uint8 0..255 and uint16
-    0..65535 are scaled; bool is 0/1), ``[H,W]`` / ``[1,H,W]`` grayscale (repeated to RGB),
-    2 (gray + alpha) or 4 (RGBA) channels (composited on white), a numpy array (HWC / BHWC when
-    the last axis has 1-4 entries and the first / second axis not 1 or 3, else CHW / BCHW), a PIL image, a path,
-    or a list/tuple of those with one size. NaN/inf
-    pixels, float values outside [0,1] beyond rounding (±1e-3), other integer dtypes,
-    complex values and empty images raise ``InputError`` naming ``name``.
+
+def _numpy_to_tensor(arr: np.ndarray, name: str) -> torch.Tensor:
+    """A numpy image array -> a channels-first tensor (uint16 already scaled to [0,1])."""
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise InputError(f"{name}: numpy array of dtype {arr.dtype} is not an image")
+    if arr.size > MAX_IMAGE_VALUES:  # before any copy: a broadcast view can be far bigger than its memory
+        raise InputError(f"{name}: array of shape {arr.shape} holds {arr.size} values; at most {MAX_IMAGE_VALUES}")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    arr = np.moveaxis(arr, -1, -3) if _numpy_channels_last(arr.shape, name) else arr
+    if arr.dtype == np.uint16:
+        return torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32) / 65535.0)
+    if arr.dtype.kind == "f" and arr.dtype not in (np.float16, np.float32, np.float64):
+        arr = arr.astype(np.float64)  # e.g. longdouble
+    try:
+        return torch.from_numpy(np.ascontiguousarray(arr))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{name}: numpy array of dtype {arr.dtype} cannot be used as an image ({e})") from None
+
+
+def _numpy_channels_last(shape: tuple[int, ...], name: str) -> bool:
+    """Whether a 3-D / 4-D numpy image array is channels-last (``[H,W,C]`` / ``[B,H,W,C]``, as PIL and most
+    numpy code hold images) rather than channels-first; ``InputError`` when both readings fit and differ.
+
+    Channels-last fits when the last axis has 1-4 entries, channels-first when the channel axis has 1 or 3
+    (numpy RGBA is always channels-last). A thin image (1-3 rows, ``np.asarray`` of a 500x1 PNG is
+    ``(1, 500, 3)``) or a narrow one (width 1-4) fits both, and no rule can tell them apart, so the caller
+    says which.
     """
-    x = _to_tensor(images, name)
-    shape = tuple(x.shape)
+    if len(shape) not in (3, 4):
+        return False
+    last, first = shape[-1] in (1, 2, 3, 4), shape[-3] in (1, 3)
+    if not (last and first) or tuple(shape[-3:]) == (1, 1, 1):  # (1,1,1): one gray pixel either way
+        return last
+    batch = f"{shape[0]} images" if len(shape) == 4 else "one image"
+    h, w, c = shape[-3:]
+    raise InputError(
+        f"{name}: numpy array of shape {tuple(shape)} has two readings: channels-last [..., H, W, C] ({batch} of "
+        f"{h}x{w} pixels with {c} channel(s)) or channels-first [..., C, H, W] ({batch} of {w}x{c} pixels with "
+        f"{h} channel(s)). Say which: pass np.moveaxis(x, -1, -3) if it is channels-last, or torch.from_numpy(x) "
+        f"if it is channels-first (tensors are always channels-first); a PIL image or a file path needs neither")
+
+
+def _check_tensor(x: torch.Tensor, name: str) -> None:
+    """``InputError`` for tensors without readable pixel values or too big to convert."""
+    if x.is_meta:
+        raise InputError(f"{name}: a tensor on the meta device has no values; pass a tensor with data")
+    if x.is_nested or x.layout != torch.strided:
+        layout = "nested" if x.is_nested else str(x.layout).replace("torch.", "")
+        raise InputError(f"{name}: a {layout} tensor is not an image; pass a dense tensor (x.to_dense())")
+    if x.is_quantized:
+        raise InputError(f"{name}: a quantized tensor is not an image; pass x.dequantize()")
+    if x.numel() > MAX_IMAGE_VALUES:
+        raise InputError(f"{name}: tensor of shape {tuple(x.shape)} holds {x.numel()} values; at most "
+                         f"{MAX_IMAGE_VALUES}")
+
+
+def _to_float(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Pixel values as float32: uint8 /255, uint16 /65535, bool 0/1, floats as they are; others refused."""
     if x.is_complex():
         raise InputError(f"{name}: complex-valued tensor is not an image")
     if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    elif x.dtype == torch.uint16:
-        x = x.float() / 65535.0
-    elif x.dtype == torch.bool:
-        x = x.float()
-    elif not x.is_floating_point():
+        return x.float() / 255.0
+    if x.dtype == torch.uint16:
+        return x.float() / 65535.0
+    if x.dtype == torch.bool:
+        return x.float()
+    if not x.is_floating_point():
         raise InputError(f"{name}: integer images other than uint8/uint16 have no unambiguous range "
                          f"(dtype {x.dtype}); convert to float in [0,1] or to uint8")
-    x = x.detach().float()
+    return x.detach().float()
+
+
+def _to_bchw(x: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """``[H,W]`` / ``[C,H,W]`` / ``[B,C,H,W]`` -> ``[B,C,H,W]`` with 1-4 channels, or ``InputError``."""
     if x.ndim == 2:
         x = x[None]
+    if x.ndim == 3 and x.shape[0] in (2, 4):
+        c = x.shape[0]
+        raise InputError(
+            f"{name}: shape {shape} has two readings: one {shape[1]}x{shape[2]} image with {c} channels "
+            f"[C,H,W] ({'gray + alpha' if c == 2 else 'RGBA'}), or {c} grayscale images [B,H,W]. Say which: "
+            f"x[None] for one image ([1,C,H,W]), x[:, None] for {c} grayscale images ([B,1,H,W])")
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4:
@@ -353,6 +458,34 @@ def as_image_batch(images: Any, name: str = "reference") -> torch.Tensor:
         hint_last = "; channels-last? permute to [C,H,W]"
         raise InputError(f"{name}: expected 1, 3 (RGB) or 4 (RGBA) colour channels first ([B,C,H,W] / [C,H,W]), "
                          f"got shape {shape}" + (hint_last if shape[-1] in (1, 3, 4) else ""))
+    if x.shape[0] > MAX_REFERENCES:
+        raise InputError(f"{name}: {x.shape[0]} images in one batch; at most {MAX_REFERENCES}")
+    return x
+
+
+def as_image_batch(images: Any, name: str = "reference") -> torch.Tensor:
+    """Validate / convert user images to ``[B,3,H,W]`` float32 in [0,1] (detached, contiguous).
+
+    Accepts a ``[3,H,W]`` or ``[B,C,H,W]`` tensor (float in [0,1]; uint8 0..255 and uint16
+    0..65535 are scaled; bool is 0/1), ``[H,W]`` / ``[1,H,W]`` grayscale (repeated to RGB),
+    2 (gray + alpha) or 4 (RGBA) channels in a batch ``[B,C,H,W]`` (composited on white), a numpy array
+    (HWC / BHWC when the last axis has 1-4 entries and the channel-first axis not 1 or 3, else CHW / BCHW),
+    a PIL image, a path, or a list/tuple of those with one size. Layouts with two readings raise
+    ``InputError`` naming both and how to pick one: a numpy array that fits both HWC and CHW (a 1-3 row or
+    1-4 column image) and a ``[2,H,W]`` / ``[4,H,W]`` tensor (one image with alpha, or a batch of grayscale
+    images). NaN/inf pixels, float values outside [0,1] beyond rounding (±1e-3), other integer dtypes,
+    complex values, meta / sparse / quantized tensors, empty images, more than ``MAX_REFERENCES`` images
+    and more than ``MAX_IMAGE_VALUES`` values raise ``InputError`` naming ``name``.
+    """
+    return _as_batch(images, name, 0)
+
+
+def _as_batch(images: Any, name: str, depth: int) -> torch.Tensor:
+    """:func:`as_image_batch` of an item ``depth`` lists deep."""
+    x = _to_tensor(images, name, depth)
+    shape = tuple(x.shape)
+    _check_tensor(x, name)
+    x = _to_bchw(_to_float(x, name), name, shape)
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).sum())
         raise InputError(f"{name}: contains {bad} NaN or infinite pixel value(s)")

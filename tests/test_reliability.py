@@ -981,3 +981,402 @@ def test_store_never_writes_outside_its_folder(prior_fm, shape_resnet, tmp_path)
             store.get(bad)
         with pytest.raises(ConfigError):
             check_name(bad, "sweep name")
+
+
+# =========================================================================== bounds everywhere (issue 26)
+
+def _sweep_cfg(**kw) -> dict:
+    cfg = {"name": "b", "extractors": ["toy/shape-resnet@logits"], "priors": ["toy/prior-fm"], "methods": ["ndtm"],
+           "n": 1, "steps": 2, "preset": "toy", "seeds": [0], "threads": 1,
+           "references": [{"toy": {"n": 1, "seed": 3}}]}
+    cfg.update(kw)
+    return cfg
+
+
+def test_sweep_specs_layers_modules_and_hub_names_are_checked_before_the_first_job(monkeypatch):
+    from fiberbench.store import run_config
+    from fiberbench.sweep import expand
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = {"toy/shape-resnet@layer99": r"layer 'layer99' not found in toy/shape-resnet.*did you mean.*layer4",
+             "timm/resnet5O": r"unknown timm model 'resnet5O'.*resnet50",
+             "timm/resnet18@layer99": r"layer 'layer99' not found in timm/resnet18",  # built on the meta device
+             "torch/nomod:f": r"torch/nomod:f: cannot import module 'nomod'",
+             "torch/torch.nn:Linaer": r"has no attribute 'Linaer'; did you mean \['Linear'",
+             "hf/nonexistent/x": r"'hf/nonexistent/x'.*not downloaded.*HF_HUB_OFFLINE",
+             "hf/a/b/c": r"neither a folder nor a hub repo id",
+             f"hf/{Path(tempfile.gettempdir()) / 'no-such-folder-fb'}": r"no folder"}
+    for spec, pat in cases.items():
+        with pytest.raises(ConfigError, match=pat):
+            expand(_sweep_cfg(extractors=[spec]), checksums=False)
+    # every problem in one message, with the good specs' jobs never built
+    with pytest.raises(ConfigError) as e:
+        expand(_sweep_cfg(extractors=list(cases)), checksums=False)
+    assert str(e.value).startswith(f"sweep config has {len(cases)} problem(s)")
+    # valid module layers and other sources' priors pass (guided-diffusion priors were refused by sweeps before)
+    _, jobs = expand(_sweep_cfg(extractors=["toy/shape-resnet@layer4", "toy/clip@embed"]), checksums=False)
+    assert [j.extractor for j in jobs] == ["toy/shape-resnet@layer4", "toy/clip@embed"]
+    # the same checks reach sample_fiber (before the prior loads) and the store
+    _no_loading(monkeypatch)
+    for spec, pat in list(cases.items())[:5]:
+        with pytest.raises(ConfigError, match=pat):
+            sample_fiber("toy/prior-fm", spec, torch.rand(3, 32, 32), progress=False)
+        with pytest.raises(ConfigError, match=pat):
+            run_config("toy/prior-fm", spec, torch.rand(3, 32, 32), n=1)
+
+
+def test_the_same_limits_apply_at_every_entry_point(monkeypatch, tmp_path):
+    from fiberbench.checks import MAX_IMAGE_SIDE, MAX_N, MAX_REFERENCES, MAX_STEPS
+    from fiberbench.store import run_config
+
+    _no_loading(monkeypatch)
+    ref = torch.rand(3, 32, 32)
+    for kw, pat in [(dict(n=10 ** 9), rf"n must be a positive integer \(at most {MAX_N}\)"),
+                    (dict(n=MAX_N + 1), rf"at most {MAX_N}"),
+                    (dict(steps=10 ** 7), rf"steps must be a positive integer \(at most {MAX_STEPS}\)")]:
+        with pytest.raises(ConfigError, match=pat):
+            sample_fiber("toy/prior-fm", "toy/shape-resnet@logits", ref, progress=False, **kw)
+        with pytest.raises(ConfigError, match=pat):
+            run_config("toy/prior-fm", "toy/shape-resnet@logits", ref, **kw)
+    with pytest.raises(InputError, match=rf"{MAX_REFERENCES + 1} images in one batch; at most {MAX_REFERENCES}"):
+        sample_fiber("toy/prior-fm", "toy/shape-resnet@logits", torch.rand(MAX_REFERENCES + 1, 3, 2, 2),
+                     progress=False)
+    Image.new("RGB", (8, 8)).save(tmp_path / "small.png")
+    for size in (100000, MAX_IMAGE_SIDE + 1):  # 100000 used to allocate 120 GB
+        with pytest.raises(ConfigError, match=rf"size must be a positive integer \(at most {MAX_IMAGE_SIDE}\)"):
+            load_image(tmp_path / "small.png", size=size)
+        from fiberbench.io import load_image_bytes
+
+        with pytest.raises(ConfigError, match="at most"):
+            load_image_bytes((tmp_path / "small.png").read_bytes(), "small.png", size=size)
+    assert load_image(tmp_path / "small.png", size=MAX_IMAGE_SIDE // 64).shape == (3, 64, 64)
+
+
+_ALIAS_LEVELS = "".join(f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefg", "bcdefgh"))
+ALIAS_BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + _ALIAS_LEVELS
+
+
+def test_yaml_alias_bombs_are_refused_before_they_are_expanded(tmp_path):
+    from fiberbench.sweep import expand
+
+    # 8 levels of 9 aliases: 43 million strings once expanded; as the sweep name (an error message shows it) it
+    # used to build a 300 MB message in ~20 s, one level more ran out of memory
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB + "name: *h\nextractors: [toy/shape-resnet@logits]\npriors: [toy/prior-fm]\n"
+                    "references: [{toy: {n: 1}}]\n")
+    assert len(path.read_bytes()) < 500
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"more than 100000 values with its aliases expanded") as e:
+        expand(path)
+    assert time.perf_counter() - t0 < 2 and len(str(e.value)) < 1000
+    # a document that refers to itself, absurd nesting, a huge file, a shared Python structure
+    for text, pat in [("name: &x [*x]\n", "contains itself"), ("name: " + "[" * 40 + "]" * 40 + "\n", "nested"),
+                      ("name: x\n" + "#" * (1 << 20), "larger than")]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=pat):
+            expand(path)
+    x = ["lol"] * 9
+    for _ in range(8):
+        x = [x] * 9
+    with pytest.raises(ConfigError, match="aliases expanded"):
+        expand({**_sweep_cfg(), "name": x})
+    # untrusted values are cut before formatting: a 100 kB name gives a short message
+    with pytest.raises(ConfigError) as e:
+        expand(_sweep_cfg(name="n" * 100_000), checksums=False)
+    assert len(str(e.value)) < 1000
+
+
+def test_load_image_refuses_a_named_pipe_instead_of_blocking(tmp_path):
+    import threading
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    outcome = {}
+
+    def read():
+        try:
+            load_image(fifo)
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = e
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(10)
+    if t.is_alive():  # unblock the reader before failing (opening for writing releases the open)
+        with open(fifo, "wb"):
+            pass
+        t.join(10)
+        pytest.fail("load_image blocked on a named pipe")
+    assert isinstance(outcome.get("error"), InputError), outcome
+    assert "pipe.png is not a regular file" in str(outcome["error"])
+    with pytest.raises(InputError, match="not a regular file"):
+        load_state_dict(fifo)
+
+
+def test_ambiguous_array_layouts_are_refused_naming_both_readings(tmp_path):
+    Image.new("RGB", (500, 1), (10, 20, 30)).save(tmp_path / "thin_1x500.png")
+    thin = np.asarray(Image.open(tmp_path / "thin_1x500.png"))  # (1, 500, 3): read as [C,H,W] before
+    for arr, readings in [(thin, ["1x500 pixels with 3 channel(s)", "500x3 pixels with 1 channel(s)"]),
+                          (np.zeros((3, 40, 3), np.uint8), ["3x40 pixels with 3", "40x3 pixels with 3"])]:
+        with pytest.raises(InputError) as e:
+            as_image_batch(arr)
+        msg = str(e.value)
+        assert all(r in msg for r in readings) and "np.moveaxis(x, -1, -3)" in msg and "torch.from_numpy" in msg
+    # stating which is meant works, as do PIL images and paths
+    assert as_image_batch(np.moveaxis(thin, -1, -3)).shape == (1, 3, 1, 500)
+    assert as_image_batch(torch.from_numpy(thin.copy())).shape == (1, 3, 500, 3)
+    assert as_image_batch(Image.open(tmp_path / "thin_1x500.png")).shape == (1, 3, 1, 500)
+    assert as_image_batch(str(tmp_path / "thin_1x500.png")).shape == (1, 3, 1, 500)
+    # [4,H,W] / [2,H,W] tensors: one RGBA / gray+alpha image, or a batch of grayscale images?
+    for c in (4, 2):
+        x = torch.rand(c, 8, 8)
+        with pytest.raises(InputError, match=rf"one 8x8 image with {c} channels .* or {c} grayscale images.*"
+                                             r"x\[None\].*x\[:, None\]"):
+            as_image_batch(x)
+        assert as_image_batch(x[None]).shape == (1, 3, 8, 8)
+        assert torch.equal(as_image_batch(x[:, None]), x[:, None].expand(-1, 3, -1, -1))
+    # unambiguous inputs keep working exactly as before
+    rgb = torch.rand(3, 8, 8)
+    assert torch.equal(as_image_batch(rgb), rgb[None])
+    assert torch.equal(as_image_batch(rgb[:1]), rgb[:1].expand(3, -1, -1)[None])
+    u8 = np.random.default_rng(0).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+    assert torch.equal((as_image_batch(u8)[0] * 255).round().byte(), torch.from_numpy(u8).permute(2, 0, 1))
+    assert as_image_batch(np.zeros((4, 4, 3), np.uint8)).shape == (1, 3, 4, 4)  # 4 is never a numpy channel axis
+    assert as_image_batch(np.zeros((2, 8, 8, 3), np.float32)).shape == (2, 3, 8, 8)
+    assert as_image_batch(np.zeros((1, 1, 1))).shape == (1, 3, 1, 1)  # one gray pixel either way
+    assert as_image_batch(torch.rand(2, 4, 8, 8)).shape == (2, 3, 8, 8)  # RGBA batches are [B,4,H,W]
+
+
+class _OneRow(torch.nn.Module):
+    """Features of the first image only, whatever the batch: broadcast against every sample before."""
+
+    spec = "test/one-row"
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, images):
+        return self.base(images)[:1]
+
+
+class _Argmax(torch.nn.Module):
+    spec = "test/argmax"
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, images):
+        return self.base(images).argmax(-1, keepdim=True)
+
+
+def test_features_must_have_one_row_per_image(prior_fm, shape_resnet):
+    kw = dict(n=3, steps=2, preset="toy", progress=False)
+    ref = torch.rand(3, 32, 32)
+    with pytest.raises(ConfigError, match=r"test/one-row returned features of shape \(1, \d+\) for 3 images"):
+        sample_fiber(prior_fm, _OneRow(shape_resnet), ref, **kw)
+    with pytest.raises(ConfigError, match=r"test/one-row returned features of shape \(1, \d+\) for 2 images"):
+        sample_fiber(prior_fm, _OneRow(shape_resnet), torch.rand(2, 3, 32, 32), **kw)  # the references already
+    with pytest.raises(ConfigError, match=r"test/one-row returned features of shape \(1, \d+\) for 3 images"):
+        sample_fiber(prior_fm, _OneRow(shape_resnet), ref, **kw, method="unguided")  # the final feature pass
+    with pytest.raises(ConfigError, match=r"test/argmax returned integer features \(torch.int64\)"):
+        sample_fiber(prior_fm, _Argmax(shape_resnet), ref, **kw)
+
+
+def _stored_run(prior_fm, shape_resnet, tmp_path):
+    from fiberbench.store import Store
+
+    res = sample_fiber(prior_fm, shape_resnet, torch.rand(3, 32, 32), n=1, steps=2, preset="toy", progress=False)
+    store = Store(tmp_path / "store")
+    return store, store.put(res)
+
+
+def test_store_verifies_meta_json_and_every_file_whatever_its_timestamps(prior_fm, shape_resnet, tmp_path):
+    import json
+
+    from fiberbench.store import Store
+
+    store, key = _stored_run(prior_fm, shape_resnet, tmp_path)
+    d = store.run_dir(key)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["status"], meta["result_config"]["seed"] = ["failed: edited"], 99  # still valid JSON
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="meta.json does not match its own recorded sha256"):
+        assert Store(store.root).get(key) is None
+    assert store.corrupt() and not store.run_dir(key).exists()
+    # a byte flip that keeps the size and the mtime: the verification cache also keys on the ctime
+    store, key = _stored_run(prior_fm, shape_resnet, tmp_path / "again")
+    assert store.has(key)
+    p = store.run_dir(key) / "tensors.safetensors"
+    st_ = p.stat()
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(st_.st_atime_ns, st_.st_mtime_ns))
+    assert p.stat().st_size == st_.st_size and p.stat().st_mtime_ns == st_.st_mtime_ns
+    with pytest.warns(UserWarning, match="tensors.safetensors does not match its recorded sha256"):
+        assert not store.has(key)
+
+
+def test_negative_max_jobs_is_refused_and_the_summary_names_the_jobs_not_run(models_dir, tmp_path, monkeypatch):
+    import yaml
+
+    from fiberbench.sweep import run_sweep
+
+    monkeypatch.setenv("FIBERBENCH_MODELS", str(models_dir))
+    cfg = _sweep_cfg(references=[{"toy": {"n": 2, "seed": 3}}])
+    with pytest.raises(ConfigError, match="max_jobs must be a non-negative integer, got -1"):
+        run_sweep(cfg, tmp_path / "out", progress=False, max_jobs=-1)
+    s = run_sweep(cfg, tmp_path / "out", progress=False, max_jobs=1)
+    assert (s.done, s.cached, s.not_run) == (1, 0, 1) and "1 done, 0 cached, 0 failed" in str(s)
+    assert "1 not run" in str(s) and s.to_dict()["not_run"] == 1
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, FIBERBENCH_MODELS=str(models_dir), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "fiberbench.cli", "sweep", str(path), "--out", str(tmp_path / "out"),
+                        "--max-jobs", "-1"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "max_jobs must be a non-negative integer" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_unclear_errors_of_sample_fiber_and_as_image_batch_are_clear_now(monkeypatch):
+    _no_loading(monkeypatch)
+    ok = dict(prior="toy/prior-fm", extractor="toy/shape-resnet@logits", reference=torch.rand(3, 32, 32), n=1,
+              steps=2, progress=False)
+    for kw, pat in [(dict(prior=None), r"prior must be a spec string .* or a loaded Prior .*got None"),
+                    (dict(extractor=123), r"extractor must be a spec string .* or a callable .*, got 123$"),
+                    (dict(callback=5), r"callback must be callable .*, got 5$"),
+                    (dict(init=("sdedit", "abc")), r"init must be 'noise' or \('sdedit', tau_star\) .*'abc'"),
+                    (dict(init=("sdedit", float("nan"))), r"init must be"),
+                    (dict(extractor="timm/resnet5O"), r"unknown timm model 'resnet5O'")]:  # before the prior loads
+        with pytest.raises(ConfigError, match=pat):
+            sample_fiber(**{**ok, **kw})
+    with pytest.raises(AssertionError, match="a model was loaded"):  # numpy integers pass validation
+        sample_fiber(**{**ok, "n": np.int64(1), "steps": np.int32(2), "seed": np.uint8(3)})
+    for x, pat in [(torch.rand(3, 8, 8, device="meta"), "meta device has no values"),
+                   (torch.rand(3, 8, 8).to_sparse(), r"sparse_coo tensor is not an image.*to_dense"),
+                   (torch.quantize_per_tensor(torch.rand(3, 8, 8), 0.1, 0, torch.quint8), "dequantize")]:
+        with pytest.raises(InputError, match=pat):
+            as_image_batch(x)
+
+
+def test_sweep_benchmark_arguments_give_an_error_line_not_a_traceback():
+    r = subprocess.run([sys.executable, "-m", "fiberbench.sweep", "bench", "--jobs", "0"], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "jobs must be a positive integer" in r.stderr
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG that claims ``w`` x ``h`` pixels (and holds almost none): what a decompression bomb looks like."""
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"x")) + chunk(b"IEND", b""))
+
+
+def test_gallery_upload_goes_through_the_image_checks_and_names_the_file(tmp_path):
+    import io
+    from datetime import datetime
+
+    from fiberbench.widgets import FiberGallery, ModelPicker
+
+    g = FiberGallery(ModelPicker(extractor="toy/shape-resnet@logits", prior="toy/prior-fm"), store=tmp_path / "s",
+                     n=1, steps=2)
+    good = io.BytesIO()
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(good, format="PNG")
+    uploads = {"cut.png": good.getvalue()[:60], "empty.png": b"", "notes.png": b"hello, this is text",
+               "bomb.png": _png_header_only(20000, 20000)}  # 400 megapixels
+    for name, data in uploads.items():
+        g.errors.clear()
+        g.upload.value = ({"name": name, "type": "image/png", "size": len(data), "content": memoryview(data),
+                           "last_modified": datetime.now()},)
+        assert len(g.errors) == 1 and g.errors[0].startswith("InputError: ") and name in g.errors[0], g.errors
+        assert "Traceback" not in g.out.outputs[-1]["data"]["text/html"]  # the message alone, no PIL traceback
+    g.errors.clear()
+    data = good.getvalue()
+    g.upload.value = ({"name": "red.png", "type": "image/png", "size": len(data), "content": memoryview(data),
+                       "last_modified": datetime.now()},)
+    assert g.errors == [] and g._uploaded.shape == (3, 30, 40) and float(g._uploaded[0].min()) == 1.0
+
+
+SHARE_MODELS_CFG = dict(references=[{"toy": {"n": 6, "seed": 3}}], steps=3, n=2)
+
+
+def test_two_sweeps_into_one_store_compute_every_job_once(models_dir, tmp_path):
+    import re
+
+    import yaml
+
+    path = tmp_path / "share.yaml"
+    path.write_text(yaml.safe_dump(_sweep_cfg(**SHARE_MODELS_CFG)))
+    env = dict(os.environ, FIBERBENCH_MODELS=str(models_dir), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "fiberbench.cli", "sweep", str(path), "--out", str(tmp_path / "shared")]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    counts = []
+    for (out, err), p in zip(outs, procs):
+        assert p.returncode == 0, err[-2000:]
+        m = re.search(r"6 jobs — (\d+) done, (\d+) cached, (\d+) failed, (\d+) done by another process, "
+                      r"(\d+) not run", out)
+        assert m, out
+        counts.append([int(v) for v in m.groups()])
+    done = [c[0] for c in counts]
+    assert sum(done) == 6, outs  # 12 computations for 6 runs before
+    for d, cached, failed, elsewhere, not_run in counts:
+        assert d + cached + elsewhere == 6 and failed == not_run == 0
+    from fiberbench.store import Store
+
+    store = Store(tmp_path / "shared")
+    assert len(store.keys()) == 6 and all(store.has(k) for k in store.keys())
+    assert list((store.root / ".claims").iterdir()) == []  # every claim released
+
+
+def _claim_in_child(root: str, key: str, q) -> None:
+    from fiberbench.store import Store
+
+    c = Store(root).claim(key)
+    q.put(c is not None)
+    time.sleep(1.0)  # hold it while the others try
+    if c is not None:
+        c.release()
+
+
+def test_job_claims_are_exclusive_and_a_dead_owners_claim_is_taken_over(models_dir, tmp_path, monkeypatch):
+    import json
+    import multiprocessing as mp
+    import socket
+
+    from fiberbench.store import Store
+    from fiberbench.sweep import expand, run_job, run_sweep
+
+    store = Store(tmp_path / "s")
+    key = "a" * 32
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_claim_in_child, args=(str(store.root), key, q)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert sorted(got) == [False] * 5 + [True]  # exactly one process holds the claim
+    assert store.claim_owner(key) is None  # and it released it
+    # a claim whose owner died on this host (pid gone) is taken over; a live owner's is not
+    monkeypatch.setenv("FIBERBENCH_MODELS", str(models_dir))
+    cfg = _sweep_cfg(references=[{"toy": {"n": 2, "seed": 5}}])
+    _, jobs = expand(cfg)
+    dead = ctx.Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    lock = store.root / ".claims" / f"{jobs[0].key}.lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "token": "x", "started": 0}))
+    live = store.root / ".claims" / f"{jobs[1].key}.lock"
+    live.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "token": "y", "started": 0}))
+    assert run_job(jobs[1], str(store.root), wait=False)["status"] == "busy"
+    live.unlink()
+    s = run_sweep(cfg, store.root, progress=False)
+    assert (s.done, s.cached, s.elsewhere, s.failed) == (2, 0, 0, []) and not lock.exists()

@@ -8,6 +8,7 @@ Layout of a store rooted at ``root``::
     root/runs/<key>/meta.json       run config, result config, status, and the sha256 of the two files above
     root/.tmp/                      runs being written (never read)
     root/.corrupt/                  runs that failed verification (kept for inspection, never read)
+    root/.claims/<key>.lock         a run being computed: the owner's pid, host and a token (see Store.claim)
 
 ``key`` is a content hash of the *full run config* (:func:`run_config`): spec strings, the checksums of
 the weight files behind them, method, resolved hyper-parameters, n, steps, seed, loss, init, the hash of
@@ -27,8 +28,11 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -37,15 +41,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..checks import check_int, check_seed
+from ..checks import MAX_N, MAX_STEPS, check_int, check_seed, show
 from ..errors import ConfigError, InputError, close_matches
 from ..identity import content_key, sha256_hex, tensor_hash
 from ..io import as_image_batch
-from ..models import canonical_spec, weights_checksum
+from ..models import canonical_spec, check_spec, weights_checksum
 from ..sampling import FiberResult, resolve_settings, sample_fiber
 from ..version import __version__
 
 FORMAT = 1
+CLAIM_HEARTBEAT_SECONDS = 10.0  # a claim's owner refreshes its lock file this often while it computes
+CLAIM_STALE_SECONDS = 1800.0  # a claim of another host with no heartbeat for this long is taken over
 KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TENSOR_FIELDS = ("images", "reference", "feature_distance", "cosine", "loss_history", "trajectory", "features",
@@ -94,12 +100,15 @@ def run_config(prior: Any, extractor: Any, reference, *, n: int = 16, method: st
     espec = extractor if isinstance(extractor, str) else getattr(extractor, "spec", None)
     if not isinstance(pspec, str) or not isinstance(espec, str) or "?" in (pspec, espec):
         raise ConfigError("run_config needs spec strings (or models loaded from one, with a .spec); "
-                          f"got prior={prior!r:.60}, extractor={extractor!r:.60}")
+                          f"got prior={show(prior, 60)}, extractor={show(extractor, 60)}")
+    for spec, kind in ((pspec, "prior"), (espec, "extractor")):
+        if isinstance(prior if kind == "prior" else extractor, str):  # a loaded model is used as it is
+            check_spec(spec, kind)
     pspec, espec = canonical_spec(pspec, "prior"), canonical_spec(espec, "extractor")
-    n = check_int("n", n)
+    n = check_int("n", n, 1, MAX_N)
     seed = check_seed("seed", seed)
     hp, run, provenance = resolve_settings(method, preset, hyperparameters, prior)
-    steps = check_int("steps", steps if steps is not None else run.get("steps", 50))
+    steps = check_int("steps", steps if steps is not None else run.get("steps", 50), 1, MAX_STEPS)
     loss = loss or run.get("loss", "cosine")
     checksums = dict(checksums or {})
     weights = {"prior": checksums["prior"] if "prior" in checksums else weights_checksum(pspec),
@@ -128,19 +137,38 @@ def config_key(config: Mapping[str, Any]) -> str:
 def check_key(key: Any) -> str:
     """``key`` if it is 32 lowercase hex characters; ``ConfigError`` otherwise (no path can be smuggled in)."""
     if not isinstance(key, str) or not KEY_RE.match(key):
-        raise ConfigError(f"invalid store key {key!r}: expected 32 lowercase hex characters")
+        raise ConfigError(f"invalid store key {show(key)}: expected 32 lowercase hex characters")
     return key
 
 
 def check_name(name: Any, what: str = "name") -> str:
     """A safe file-name component (letters, digits, ``._-``; no separators, no ``..``) or ``ConfigError``."""
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise ConfigError(f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' only "
+        raise ConfigError(f"invalid {what} {show(name, typed=False)}: use letters, digits, '.', '_' and '-' only "
                           f"(no path separators or '..'), at most 128 characters")
     return name
 
 
 # --------------------------------------------------------------------------- the store
+
+def meta_checksum(meta: Mapping[str, Any]) -> str:
+    """sha256 of a run's ``meta.json`` content (without its own checksum field), in a canonical JSON form."""
+    return sha256_hex(json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=True).encode())
+
+
+def sealed_meta(meta: Mapping[str, Any]) -> bytes:
+    """The bytes of ``meta.json``: ``meta`` as JSON (non-JSON values as strings) with ``meta_sha256``, the checksum
+    of that JSON's content, so an edit that keeps the JSON valid is still detected on read."""
+    plain = json.loads(json.dumps(meta, default=str))  # the form a reader gets back (tuples -> lists, str keys)
+    return json.dumps(dict(plain, meta_sha256=meta_checksum(plain))).encode()
+
+
+def file_stamp(path: Path) -> tuple[int, int, int, int]:
+    """``(size, mtime_ns, ctime_ns, inode)`` of a file: any write, rename or ``utime`` changes one of them (the
+    ctime is set by the kernel on every change and cannot be set back by a user)."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
 
 def _fsync_write(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
@@ -159,6 +187,64 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@dataclass
+class Claim:
+    """This process's claim of one run: the lock file ``<store>/.claims/<key>.lock`` (see :meth:`Store.claim`).
+
+    While held, a thread refreshes the file's mtime every :data:`CLAIM_HEARTBEAT_SECONDS` (the heartbeat another
+    host goes by); :meth:`release` stops it and removes the file if it is still this claim's.
+    """
+
+    path: Path
+    token: str
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def start_heartbeat(self) -> None:
+        """Refresh the lock's mtime in a daemon thread until :meth:`release`."""
+        def beat() -> None:
+            while not self.stop.wait(CLAIM_HEARTBEAT_SECONDS):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    return
+        threading.Thread(target=beat, name=f"fiberbench-claim-{self.path.stem[:8]}", daemon=True).start()
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock file, unless another process has taken it over meanwhile."""
+        self.stop.set()
+        if (read_claim(self.path) or {}).get("token") == self.token:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def read_claim(path: Path) -> dict[str, Any] | None:
+    """The owner record of a lock file (``{pid, host, token, started}``), or ``None`` if it is gone or unreadable."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def claim_is_stale(info: dict[str, Any] | None, age: float) -> bool:
+    """Whether a lock whose owner record is ``info`` and whose heartbeat is ``age`` seconds old is abandoned:
+    its owner on this host is no longer running, or another host's owner stopped beating."""
+    if info is None:  # never written in full (locks are created whole, so only by damage): give it a minute
+        return age > 60
+    if info.get("host") == socket.gethostname():
+        pid = info.get("pid")
+        return not (isinstance(pid, int) and _pid_alive(pid))
+    return age > CLAIM_STALE_SECONDS
+
+
 class CorruptRun(InputError):
     """A stored run failed verification (missing file, size or checksum mismatch, unreadable)."""
 
@@ -175,12 +261,12 @@ class Store:
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"store path {self.root} exists and is not a folder")
         marker = self.root / "STORE.json"
-        ours = {"runs", ".tmp", ".corrupt", "sweeps", "STORE.json"}  # a store another process is creating
+        ours = {"runs", ".tmp", ".corrupt", ".claims", "sweeps", "STORE.json"}  # a store another process is creating
         if self.root.exists() and not marker.exists() and any(
                 p.name not in ours and not p.name.startswith(".STORE.json.") for p in self.root.iterdir()):
             raise ConfigError(f"{self.root} is a non-empty folder that is not a fiberbench store; "
                               f"choose an empty or new folder")
-        for sub in ("runs", ".tmp", ".corrupt"):
+        for sub in ("runs", ".tmp", ".corrupt", ".claims"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if not marker.exists():
             tmp = self.root / f".STORE.json.{uuid.uuid4().hex}"
@@ -201,12 +287,79 @@ class Store:
         return sorted(p.name for p in (self.root / "runs").iterdir() if KEY_RE.match(p.name))
 
     def _clean_stale_tmp(self) -> None:
-        """Remove temp dirs of writers on this host whose process is gone (killed mid-write)."""
+        """Remove temp dirs of writers on this host whose process is gone (killed mid-write), and claim temp
+        files over an hour old (a claimant killed between writing and linking one)."""
         host = socket.gethostname()
         for p in (self.root / ".tmp").iterdir():
             parts = p.name.split(".")
             if len(parts) >= 4 and parts[1] == host and parts[2].isdigit() and not _pid_alive(int(parts[2])):
                 shutil.rmtree(p, ignore_errors=True)
+        for p in (self.root / ".claims").glob(".*"):
+            try:
+                if time.time() - p.stat().st_mtime > 3600:
+                    p.unlink()
+            except OSError:
+                pass
+
+    # ---- claims
+    def claim(self, key: str) -> Claim | None:
+        """Claim the computation of run ``key`` for this process, or ``None`` if another live process holds it.
+
+        The claim is a lock file ``.claims/<key>.lock`` holding this process's pid, host and a fresh token,
+        created whole in one step (a hard link of a finished temp file), so two processes never both hold
+        it. A stale claim (:func:`claim_is_stale`: a dead pid on this host, or another host silent for
+        :data:`CLAIM_STALE_SECONDS`) is taken over: renamed aside, checked to be the stale one, removed. The
+        heartbeat starts at once; release the claim with :meth:`Claim.release` (or use it in a ``with``).
+        """
+        lock = self.root / ".claims" / f"{check_key(key)}.lock"
+        token = uuid.uuid4().hex
+        tmp = lock.with_name(f".{lock.name}.{token}")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "token": token,
+                                   "started": time.time()}))
+        try:
+            for _ in range(5):
+                try:
+                    os.link(tmp, lock)
+                except FileExistsError:
+                    if not self._take_over(lock):
+                        return None
+                    continue
+                claim = Claim(lock, token)
+                claim.start_heartbeat()
+                return claim
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _take_over(self, lock: Path) -> bool:
+        """Remove ``lock`` if it is stale (True: try to create it again); False while a live owner holds it."""
+        info = read_claim(lock)
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return True  # released meanwhile
+        if not claim_is_stale(info, age):
+            return False
+        aside = lock.with_name(f".{lock.name}.{uuid.uuid4().hex}.stale")
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            return True  # another process took it over first
+        moved = read_claim(aside)
+        if (moved or {}).get("token") != (info or {}).get("token"):
+            # a fresh claim replaced the stale one between our read and the rename: put it back
+            try:
+                os.link(aside, lock)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
+
+    def claim_owner(self, key: str) -> dict[str, Any] | None:
+        """The owner record of run ``key``'s claim (``{pid, host, token, started}``), or ``None`` if unclaimed."""
+        return read_claim(self.root / ".claims" / f"{check_key(key)}.lock")
 
     # ---- writing
     def put(self, result, config: Mapping[str, Any] | None = None, *, key: str | None = None,
@@ -261,7 +414,7 @@ class Store:
                                      for name, b in files.items()})
             for name, b in files.items():
                 _fsync_write(tmp / name, b)
-            _fsync_write(tmp / "meta.json", json.dumps(meta, default=str).encode())
+            _fsync_write(tmp / "meta.json", sealed_meta(meta))
             for _ in range(3):
                 try:
                     os.rename(tmp, final)
@@ -283,8 +436,11 @@ class Store:
             meta = json.loads((d / "meta.json").read_text())
             files = meta["files"]
             assert meta["key"] == key and set(files) == {"samples.parquet", "tensors.safetensors"}
-        except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:
+            want = meta.pop("meta_sha256")
+        except (OSError, ValueError, KeyError, AssertionError, TypeError, AttributeError) as e:
             raise CorruptRun(f"run {key}: meta.json missing or unreadable ({type(e).__name__})") from None
+        if want != meta_checksum(meta):
+            raise CorruptRun(f"run {key}: meta.json does not match its own recorded sha256 (edited or corrupted)")
         return meta
 
     def _check_file(self, key: str, meta: dict, name: str) -> bytes:
@@ -306,10 +462,10 @@ class Store:
         if not d.exists():
             return False
         try:
-            st = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.iterdir()))
+            st = tuple((p.name, *file_stamp(p)) for p in sorted(d.iterdir()))
         except OSError:
             return False
-        if self._verified.get(key) == st:
+        if self._verified.get(key) == st:  # unchanged since verified: ctime moves on every write, and cannot be set
             return True
         try:
             meta = self._read_meta(key)
@@ -349,7 +505,7 @@ class Store:
             return check_key(key_or_config)
         if isinstance(key_or_config, Mapping):
             return check_key(key_or_config.get("key") or config_key(key_or_config))
-        raise ConfigError(f"invalid store key {key_or_config!r}: expected a 32-hex key or a run_config dict")
+        raise ConfigError(f"invalid store key {show(key_or_config)}: expected a 32-hex key or a run_config dict")
 
     def get(self, key_or_config: str | Mapping[str, Any]):
         """The stored :class:`~fiberbench.sampling.FiberResult` for a key / :func:`run_config`, or ``None``.

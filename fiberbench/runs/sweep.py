@@ -40,7 +40,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -55,10 +55,25 @@ try:
 except ModuleNotFoundError:  # Python 3.10 has no tomllib: TOML sweep files then need 3.11+ (YAML works)
     tomllib = None
 
-from ..checks import MAX_JOBS, MAX_N, MAX_REFERENCES, MAX_STEPS, in_choices, is_int, is_real, show
-from ..errors import ConfigError, FiberbenchError, close_matches
-from ..io import load_image
+from ..checks import (
+    MAX_CONFIG_BYTES,
+    MAX_IMAGE_SIDE,
+    MAX_JOBS,
+    MAX_MODELS,
+    MAX_N,
+    MAX_REFERENCES,
+    MAX_STEPS,
+    check_expanded_size,
+    check_int,
+    in_choices,
+    is_int,
+    is_real,
+    show,
+)
+from ..errors import ConfigError, FiberbenchError, InputError, close_matches
+from ..io import load_image, open_regular_file
 from ..models import list_models, load_extractor, load_prior, parse_spec, weights_checksum
+from ..models.registry import check_available
 from ..sampling import LOSSES, METHODS, NO_PRESET, PRESETS, resolve_hyperparameters, sample_fiber
 from ..seeds import SWEEP_BENCH_SEED_BASE
 from ..toy import FACTORS, references
@@ -71,29 +86,71 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 # --------------------------------------------------------------------------- config
 
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose values, every alias expanded where it is used, exceed
+    :data:`~fiberbench.checks.MAX_CONFIG_VALUES` (or nest deeper than ``MAX_CONFIG_DEPTH``, or refer to
+    themselves). It counts the composed node graph before anything is constructed: a few hundred bytes of
+    nested aliases ("billion laughs") would otherwise expand to billions of values in the first error message
+    or loop that walks them."""
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        check_expanded_size("the document", node, children=yaml_children)
+        return node
+
+
+def yaml_children(node: Any) -> list[Any] | None:
+    """The nodes a YAML node holds (keys and values of a mapping, items of a sequence); ``None`` for a scalar."""
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return None
+
+
+def read_config_text(path: Path) -> str:
+    """The text of a sweep file: a regular file of at most :data:`~fiberbench.checks.MAX_CONFIG_BYTES`, UTF-8."""
+    try:
+        with open_regular_file(path, "sweep config") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"sweep config {path} is larger than {MAX_CONFIG_BYTES} bytes; a sweep file lists "
+                          f"models, settings and reference selections, not data")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"sweep config {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def load_config(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
-    """Read a sweep file (``.yaml``/``.yml``/``.toml``) or take a dict. Returns ``(raw dict, base folder)``."""
+    """Read a sweep file (``.yaml``/``.yml``/``.toml``) or take a dict. Returns ``(raw dict, base folder)``.
+
+    Bounded before anything else looks at it: the file's size, and the number of values with YAML aliases
+    expanded (:class:`BoundedLoader`; the same walk bounds a dict passed in).
+    """
     if isinstance(source, Mapping):
+        check_expanded_size("the sweep config", source)
         return dict(source), Path.cwd()
     path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {path} does not exist")
-    text = path.read_text()
+    text = read_config_text(path)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"sweep config {path}: use a .yaml, .yml or .toml file")
     try:
         if path.suffix == ".toml":
             if tomllib is None:
                 raise ConfigError(f"sweep config {path}: TOML needs Python >= 3.11; use a .yaml file")
             raw = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            raw = yaml.safe_load(text)
         else:
-            raise ConfigError(f"sweep config {path}: use a .yaml, .yml or .toml file")
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - yaml / toml parse errors
-        raise ConfigError(f"sweep config {path} does not parse: {e}") from None
+            raw = yaml.load(text, Loader=BoundedLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as e:
+        raise ConfigError(f"sweep config {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - yaml / toml parse errors (RecursionError for absurd nesting)
+        raise ConfigError(f"sweep config {path} does not parse: {show(str(e), 300, typed=False)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep config {path} must hold a mapping at the top level")
+    check_expanded_size(f"sweep config {path}", raw)
     return raw, path.parent.absolute()
 
 
@@ -151,9 +208,10 @@ class Job:
 
 def _toy_references(sel: Mapping, where: str, problems: list[str], room: int) -> list[_Reference]:
     """Render a ``toy`` selection (at most ``room`` images) or add its problems to ``problems``."""
-    unknown = sorted((k for k in sel if k not in ("n", "seed", "classes", "per_class", "fixed")), key=str)
+    unknown = sorted((k for k in sel if k not in ("n", "seed", "classes", "per_class", "fixed")), key=_show)
     if unknown:
-        problems.append(f"{where}: unknown key(s) {unknown}; toy selections take n, seed, classes, per_class, fixed")
+        problems.append(f"{where}: unknown key(s) {_show(unknown)}; toy selections take n, seed, classes, per_class, "
+                        f"fixed")
     seed = sel.get("seed", 0)
     if not is_int(seed, 0, 2 ** 63 - 1):
         problems.append(f"{where}.seed must be an integer in [0, 2**63), got {_show(seed)}")
@@ -188,7 +246,7 @@ def _toy_references(sel: Mapping, where: str, problems: list[str], room: int) ->
         values = _as_list(values)
         bad = [v for v in values if not in_choices(v, FACTORS[factor])]
         if bad or not values:
-            problems.append(f"{where}.classes.{factor}: {bad} not in {FACTORS[factor]}" if bad else
+            problems.append(f"{where}.classes.{factor}: {_show(bad)} not in {FACTORS[factor]}" if bad else
                             f"{where}.classes.{factor} must list at least one of {FACTORS[factor]}")
             return []
         if per * len(values) > room:
@@ -224,9 +282,9 @@ def _toy_references(sel: Mapping, where: str, problems: list[str], room: int) ->
 def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str],
                        room: int) -> list[_Reference]:
     """Read a ``folder`` selection (at most ``room`` images) or add its problems to ``problems``."""
-    unknown = sorted((k for k in sel if k not in ("path", "glob", "limit", "classes", "per_class", "size")), key=str)
+    unknown = sorted((k for k in sel if k not in ("path", "glob", "limit", "classes", "per_class", "size")), key=_show)
     if unknown:
-        problems.append(f"{where}: unknown key(s) {unknown}; folder selections take path, glob, limit, "
+        problems.append(f"{where}: unknown key(s) {_show(unknown)}; folder selections take path, glob, limit, "
                         f"classes, per_class, size")
     if "path" not in sel:
         problems.append(f"{where}: a folder selection needs 'path'")
@@ -252,20 +310,20 @@ def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str]
         problems.append(f"{where}: limit/per_class must be a positive integer, got {_show(limit)}")
         return []
     size = sel.get("size")
-    if size is not None and not is_int(size, 1, 4096):
-        problems.append(f"{where}.size must be a positive integer (at most 4096), got {_show(size)}")
+    if size is not None and not is_int(size, 1, MAX_IMAGE_SIDE):
+        problems.append(f"{where}.size must be a positive integer (at most {MAX_IMAGE_SIDE}), got {_show(size)}")
         return []
     groups: list[tuple[str | None, Path]] = []
     if "classes" in sel:
         classes = _as_list(sel["classes"])
-        if not classes or not all(isinstance(c, (str, int)) and not isinstance(c, bool) and str(c) for c in classes):
+        if not classes or not all(isinstance(c, str) and c or is_int(c, -10 ** 9, 10 ** 9) for c in classes):
             problems.append(f"{where}.classes must list sub-folder names, got {_show(sel['classes'])}")
             return []
         for c in classes:
             sub = root / str(c)
             if not sub.is_dir():
                 have = sorted(p.name for p in root.iterdir() if p.is_dir())
-                problems.append(f"{where}.classes: no sub-folder {str(c)!r} in {root}; have {have[:20]}")
+                problems.append(f"{where}.classes: no sub-folder {_show(str(c))} in {root}; have {have[:20]}")
             else:
                 groups.append((str(c), sub))
     else:
@@ -275,10 +333,10 @@ def _folder_references(sel: Mapping, base: Path, where: str, problems: list[str]
         try:
             files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         except (ValueError, NotImplementedError, OSError) as e:  # '../*', '/abs/*', '**x' …
-            problems.append(f"{where}.glob {pattern!r} cannot be used: {e}")
+            problems.append(f"{where}.glob {_show(pattern)} cannot be used: {e}")
             return []
         if not files:
-            problems.append(f"{where}: no images matching {pattern!r} in {folder}")
+            problems.append(f"{where}: no images matching {_show(pattern)} in {folder}")
             continue
         chosen += [(cls, p) for p in files[:limit]]
     if len(chosen) > room:
@@ -339,10 +397,17 @@ def expand(source: str | Path | Mapping[str, Any], *, checksums: bool = True) ->
     if checksums and not problems:  # hashing weights is slow: only for a config that is otherwise good
         sums = _weights_checksums(plan.extractors + plan.priors, problems)
     if problems:
-        raise ConfigError(f"sweep config has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(problem_list(problems))
     jobs = _build_jobs(plan, refs, sums)
     _check_distinct_keys(jobs)
     return plan.name, jobs
+
+
+def problem_list(problems: list[str], shown: int = 50) -> str:
+    """The message listing a sweep config's problems: the first ``shown``, each cut to 2,000 characters."""
+    lines = [f"  - {p[:2000]}" for p in problems[:shown]]
+    more = [f"  … and {len(problems) - shown} more"] if len(problems) > shown else []
+    return f"sweep config has {len(problems)} problem(s):\n" + "\n".join(lines + more)
 
 
 def _check_plan(raw: Mapping[str, Any], problems: list[str]) -> _Plan:
@@ -365,9 +430,9 @@ def _check_plan(raw: Mapping[str, Any], problems: list[str]) -> _Plan:
 
 def _check_top_keys(raw: Mapping[str, Any], problems: list[str]) -> None:
     """Add a problem per key not in :data:`TOP_KEYS` (sorted), with the closest key as a hint."""
-    for k in sorted((k for k in raw if k not in TOP_KEYS), key=str):
-        hint = close_matches(str(k), TOP_KEYS)
-        problems.append(f"unknown key {k!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+    for k in sorted((k for k in raw if k not in TOP_KEYS), key=lambda k: show(k, typed=False)):
+        hint = close_matches(show(k, typed=False), TOP_KEYS)
+        problems.append(f"unknown key {_show(k)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                         + f"; keys: {list(TOP_KEYS)}")
 
 
@@ -384,39 +449,55 @@ def _check_name(raw: Mapping[str, Any], problems: list[str]) -> Any:
 def _check_specs(raw: Mapping[str, Any], key: str, kind: str, problems: list[str]) -> list[str]:
     """The model spec strings under ``key`` that are ``kind`` ("extractor" or "prior"), in file order.
 
-    Checked without loading anything: toy names against the toy cards, priors only from ``toy/`` or
-    ``diffusers/``, no diffusers pipeline as an extractor. An empty list is a problem, as are duplicates.
+    Checked without loading anything (:func:`~fiberbench.models.registry.check_available`): the source, toy
+    names against the toy cards, layer names against the model's modules built on the meta device, folders,
+    importable modules and, with the hub offline, the local hub cache. An empty list is a problem, as are
+    duplicates and more than :data:`~fiberbench.checks.MAX_MODELS` specs. Each distinct spec is checked once.
     """
     vals = _as_list(raw.get(key) or [])
     if not vals:
         problems.append(f"{key!r} is required: a list of {kind} spec strings")
-    out = []
+    if len(vals) > MAX_MODELS:
+        problems.append(f"{key} lists {len(vals)} specs; a sweep takes at most {MAX_MODELS}")
+        return []
+    out: list[str] = []
+    found: dict[str, str | None] = {}
     for v in vals:
         if not isinstance(v, str):
             problems.append(f"{key}: {_show(v)} is not a spec string such as 'toy/shape-resnet@logits'")
-            continue
-        try:
-            s = parse_spec(v)
-        except ConfigError as e:
-            problems.append(f"{key}: {e}")
-            continue
-        if s.source == "toy":
-            known = list_models(kind=kind)
-            if f"toy/{s.name}" not in known:
-                hint = close_matches(str(v), known)
-                problems.append(f"{key}: {v!r} is not a toy {kind}; available: {known}"
-                                + (f"; did you mean {hint[0]!r}?" if hint else ""))
-                continue
-        elif kind == "prior" and s.source not in ("diffusers",):
-            problems.append(f"{key}: {v!r} is not a prior (priors come from toy/ or diffusers/)")
-            continue
-        elif kind == "extractor" and s.source == "diffusers":
-            problems.append(f"{key}: {v!r} is a prior, not a feature extractor")
-            continue
-        out.append(v)
-    if len(set(out)) != len(out):
-        problems.append(f"{key} has duplicates: {out}")
+        elif v in found:
+            out += [v] if found[v] is None else []
+        else:
+            found[v] = _spec_problem(v, key, kind)
+            if found[v] is None:
+                out.append(v)
+            else:
+                problems.append(found[v])
+    dup = sorted(v for v, c in Counter(out).items() if c > 1)
+    if dup:
+        problems.append(f"{key} has duplicates: {_show(dup)}")
     return out
+
+
+def _spec_problem(spec: str, key: str, kind: str) -> str | None:
+    """The problem with one spec string of ``key`` (see :func:`_check_specs`), or ``None``."""
+    try:
+        s = parse_spec(spec)
+    except ConfigError as e:
+        return f"{key}: {e}"
+    if s.source == "toy":
+        known = list_models(kind=kind) + (list_models(kind="conditional") if kind == "prior" else [])
+        if f"toy/{s.name}" not in {k.split("@")[0] for k in known}:
+            hint = close_matches(spec[:200], known)
+            return (f"{key}: {_show(spec)} is not a toy {kind}; available: {known}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    elif kind == "extractor" and s.source == "diffusers":
+        return f"{key}: {_show(spec)} is a prior, not a feature extractor"
+    try:
+        check_available(spec, kind)
+    except ConfigError as e:
+        return f"{key}: {e}"
+    return None
 
 
 def _check_methods(raw: Mapping[str, Any], problems: list[str]) -> list[str]:
@@ -434,7 +515,7 @@ def _check_methods(raw: Mapping[str, Any], problems: list[str]) -> list[str]:
         else:
             methods.append(m)
     if len(set(methods)) != len(methods):
-        problems.append(f"methods has duplicates: {methods}")
+        problems.append(f"methods has duplicates: {_show(methods)}")
     return methods
 
 
@@ -448,7 +529,7 @@ def _check_counts(raw: Mapping[str, Any], problems: list[str]) -> tuple[list[Any
     if not seeds or any(not is_int(s, 0, 2 ** 63 - 1) for s in seeds):
         problems.append(f"seeds must be integers in [0, 2**63), got {_show(raw.get('seeds'))}")
     elif len(set(seeds)) != len(seeds):
-        problems.append(f"seeds has duplicates: {seeds}")
+        problems.append(f"seeds has duplicates: {_show(seeds)}")
     n = raw.get("n", 8)
     if not is_int(n, 1, MAX_N):
         problems.append(f"n must be a positive integer (samples per fiber, at most {MAX_N}), got {_show(n)}")
@@ -550,13 +631,15 @@ def _expand_settings(methods: list[str], preset: str | None, sections: dict[str,
             continue
         combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else [{}]
         settings[m] = []
+        seen: set[str] = set()
         for combo in combos:
             hp = {**fixed, **combo}
             try:
                 resolve_hyperparameters(m, preset, hp)
             except ConfigError as e:
-                msg = f"{m} {combo if combo else ''}: {e}".replace("  ", " ")
-                if msg not in problems:
+                msg = f"{m} {_show(combo) if combo else ''}: {e}".replace("  ", " ")
+                if msg not in seen:
+                    seen.add(msg)
                     problems.append(msg)
                 continue
             settings[m].append(hp)
@@ -584,7 +667,7 @@ def _expand_references(raw: Mapping[str, Any], base: Path, problems: list[str]) 
         refs += _toy_references(body, f"{where}.toy", problems, room) if kind == "toy" else \
             _folder_references(body, base, f"{where}.folder", problems, room)
     ids = [r[1] for r in refs]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = sorted(i for i, c in Counter(ids).items() if c > 1)
     if dup:
         problems.append(f"references: the same reference is selected twice: {dup[:10]}")
     return refs
@@ -676,9 +759,15 @@ def clear_model_cache() -> None:
     _MODELS.clear()
 
 
-def run_job(job: Job, store_root: str) -> dict[str, Any]:
+def run_job(job: Job, store_root: str, wait: bool = True) -> dict[str, Any]:
     """Run one job in this process and write it into the store. Never raises: returns an outcome dict
-    ``{index, key, status: done|cached|failed, reason, seconds, started, finished, pid, loads}``."""
+    ``{index, key, status, reason, seconds, started, finished, pid, loads}``.
+
+    ``status`` is ``done`` (computed here), ``cached`` (in the store already, or committed by another process
+    while this one waited), ``failed`` (with ``reason``) or, with ``wait=False``, ``busy``: another live process
+    holds the job's claim (:meth:`~fiberbench.store.Store.claim`) and is computing it now. With ``wait=True`` the
+    job waits for that process, then reads its run (or computes the job if it was given up).
+    """
     started = time.time()
     out = {"index": job.index, "key": job.key, "status": "done", "reason": "", "pid": os.getpid(),
            "started": started}
@@ -686,17 +775,18 @@ def run_job(job: Job, store_root: str) -> dict[str, Any]:
     old_threads = torch.get_num_threads()
     try:
         store = Store(store_root)
-        if store.has(job.key):
-            out["status"] = "cached"
+        claim = None if store.has(job.key) else store.claim(job.key)
+        if claim is None and not store.has(job.key) and wait:
+            claim = _wait_for_claim(store, job.key)
+        if claim is None:
+            out["status"] = "cached" if store.has(job.key) else "busy"
+            out["owner"] = store.claim_owner(job.key) if out["status"] == "busy" else None
         else:
-            if job.threads:
-                torch.set_num_threads(job.threads)
-            device = "cuda" if torch.cuda.is_available() and job.resources.get("num_gpus", 0) > 0 else "cpu"
-            prior = _model("prior", job.prior, job.checksums.get("prior"), device)
-            extractor = _model("extractor", job.extractor, job.checksums.get("extractor"), device)
-            result = sample_fiber(prior, extractor, job.reference, progress=False, batch_size=job.batch_size,
-                                  **job.sample_kwargs())
-            store.put(result, job.config, extra=job.columns)
+            with claim:
+                if store.has(job.key):  # committed by another process between our check and the claim
+                    out["status"] = "cached"
+                else:
+                    _compute(job, store)
     except Exception as e:  # noqa: BLE001 - a failed job is reported in the summary, the sweep goes on
         out["status"] = "failed"
         out["reason"] = f"{type(e).__name__}: {e}"
@@ -710,40 +800,78 @@ def run_job(job: Job, store_root: str) -> dict[str, Any]:
     return out
 
 
+def _compute(job: Job, store: Store) -> None:
+    """Load the job's models (cached per process), sample its fiber and store the run."""
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    device = "cuda" if torch.cuda.is_available() and job.resources.get("num_gpus", 0) > 0 else "cpu"
+    prior = _model("prior", job.prior, job.checksums.get("prior"), device)
+    extractor = _model("extractor", job.extractor, job.checksums.get("extractor"), device)
+    result = sample_fiber(prior, extractor, job.reference, progress=False, batch_size=job.batch_size,
+                          **job.sample_kwargs())
+    store.put(result, job.config, extra=job.columns)
+
+
+CLAIM_POLL_SECONDS = 0.5  # how often a job waiting for another process's claim looks again
+
+
+def _wait_for_claim(store: Store, key: str):
+    """Wait until run ``key`` is in the store (``None``) or its claim is free or stale (the new claim).
+
+    Ends: a live owner commits or releases; a dead one's claim is stale (this host: at once; another host: after
+    ``CLAIM_STALE_SECONDS`` without a heartbeat) and taken over."""
+    while True:
+        if store.has(key):
+            return None
+        claim = store.claim(key)
+        if claim is not None:
+            return claim
+        time.sleep(CLAIM_POLL_SECONDS)
+
+
 # --------------------------------------------------------------------------- sweeps
 
 @dataclass
 class SweepSummary:
-    """What a sweep did: ``done`` (computed now), ``cached`` (already in the store), ``failed`` with reasons."""
+    """What a sweep did: ``done`` (computed by this sweep), ``cached`` (in the store when it started),
+    ``elsewhere`` (computed by another process meanwhile, e.g. a second sweep into the same store), ``failed``
+    with reasons, and ``not_run`` (stopped by ``max_jobs``). They add up to ``total``."""
 
     name: str
     total: int
     done: int = 0
     cached: int = 0
+    elsewhere: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     backend: str = "local"
     outcomes: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def not_run(self) -> int:
+        """Jobs with no outcome: left over when ``max_jobs`` stopped the sweep."""
+        return self.total - self.done - self.cached - self.elsewhere - len(self.failed)
+
     def __str__(self) -> str:
         lines = [f"sweep {self.name!r} ({self.backend}): {self.total} jobs — {self.done} done, {self.cached} cached, "
-                 f"{len(self.failed)} failed — {self.seconds:.1f} s"]
+                 f"{len(self.failed)} failed, {self.elsewhere} done by another process, {self.not_run} not run — "
+                 f"{self.seconds:.1f} s"]
         for label, reason in self.failed:
             lines.append(f"  FAILED {label}: {reason}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.backend, "total": self.total, "done": self.done,
-                "cached": self.cached, "failed": [{"job": j, "reason": r} for j, r in self.failed],
-                "seconds": self.seconds}
+                "cached": self.cached, "elsewhere": self.elsewhere, "not_run": self.not_run,
+                "failed": [{"job": j, "reason": r} for j, r in self.failed], "seconds": self.seconds}
 
 
 def _ray_task():
     import ray  # noqa: PLC0415 - optional dependency (the [ray] extra), needed only for backend="ray"
 
     @ray.remote
-    def fiber_job(job: Job, store_root: str) -> dict[str, Any]:
-        return run_job(job, store_root)
+    def fiber_job(job: Job, store_root: str, wait: bool = True) -> dict[str, Any]:
+        return run_job(job, store_root, wait=wait)
 
     return fiber_job
 
@@ -756,22 +884,23 @@ def run_sweep(config: str | Path | Mapping[str, Any], out: str | Path, *, backen
     ``backend="ray"`` submits each as a Ray task (``resources`` of the config; ``num_gpus`` only when the
     cluster has GPUs) to the running Ray instance, the cluster at ``address``, or a fresh local one.
     Workers write straight into the store, so ``out`` must be on a filesystem every node sees.
-    ``max_jobs`` stops after that many jobs were computed (for smoke runs). Returns a :class:`SweepSummary`.
+
+    Several sweeps (or Ray workers) can share one store: each job is claimed before it is computed
+    (:meth:`~fiberbench.store.Store.claim`), a job another process is computing is skipped at first and waited
+    for at the end, so every run is computed once; the summary counts it as ``elsewhere``. ``max_jobs`` (>= 0)
+    stops after that many jobs were run here (for smoke runs); the rest are counted as ``not_run``. Returns a
+    :class:`SweepSummary`.
     """
     if backend not in ("local", "ray"):
-        raise ConfigError(f"unknown backend {backend!r}; use 'local' or 'ray'")
+        raise ConfigError(f"unknown backend {show(backend)}; use 'local' or 'ray'")
+    if max_jobs is not None:
+        max_jobs = check_int("max_jobs", max_jobs, 0)
     name, jobs = expand(config)
     store = Store(out)
     t0 = time.time()
     summary = SweepSummary(name=name, total=len(jobs), backend=backend)
-    todo = []
-    for job in jobs:
-        if store.has(job.key):
-            summary.cached += 1
-        else:
-            todo.append(job)
-    if max_jobs is not None:
-        todo = todo[:max_jobs]
+    todo = [job for job in jobs if not store.has(job.key)]
+    summary.cached = len(jobs) - len(todo)
     bar = tqdm(total=len(jobs), initial=summary.cached, desc=f"sweep {name}", unit="job", disable=not progress)
     labels = {j.index: j.label() for j in jobs}
 
@@ -780,24 +909,39 @@ def run_sweep(config: str | Path | Mapping[str, Any], out: str | Path, *, backen
         summary.outcomes.append(o)
         if o["status"] == "done":
             summary.done += 1
-        elif o["status"] == "cached":
-            summary.cached += 1
+        elif o["status"] == "cached":  # missing when the sweep started: another process computed it
+            summary.elsewhere += 1
         else:
             summary.failed.append((labels[o["index"]], o["reason"]))
         bar.update(1)
-        bar.set_postfix(done=summary.done, cached=summary.cached, failed=len(summary.failed))
+        bar.set_postfix(done=summary.done, cached=summary.cached, elsewhere=summary.elsewhere,
+                        failed=len(summary.failed))
 
     try:
         if backend == "local":
-            for job in todo:
-                record(run_job(job, str(store.root)))
+            _run_local(todo, store, record, max_jobs)
         else:
-            _run_ray(todo, store, address, record)
+            _run_ray(todo, store, address, record, max_jobs)
     finally:
         bar.close()
     summary.seconds = time.time() - t0
     _write_summary(store, summary)
     return summary
+
+
+def _run_local(todo: list[Job], store: Store, record, max_jobs: int | None) -> None:
+    """Run ``todo`` here: jobs another process is computing are set aside, then waited for at the end."""
+    ran, later = 0, []
+    for wait, jobs in ((False, todo), (True, later)):
+        for job in jobs:
+            if max_jobs is not None and ran >= max_jobs:
+                return
+            o = run_job(job, str(store.root), wait=wait)
+            if o["status"] == "busy":
+                later.append(job)
+                continue
+            ran += o["status"] in ("done", "failed")
+            record(o)
 
 
 def start_ray(address: str | None = None, num_cpus: int | None = None, **kwargs) -> None:
@@ -828,7 +972,9 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, **kwargs)
             os.environ.pop("RAY_worker_niceness", None)
 
 
-def _run_ray(todo: list[Job], store: Store, address: str | None, record) -> None:
+def _run_ray(todo: list[Job], store: Store, address: str | None, record, max_jobs: int | None) -> None:
+    """Run ``todo`` as Ray tasks (the first ``max_jobs``); jobs another process is computing come back busy
+    and are submitted again, waiting for that process."""
     import ray  # noqa: PLC0415 - optional dependency (the [ray] extra)
 
     started_here = False
@@ -838,27 +984,40 @@ def _run_ray(todo: list[Job], store: Store, address: str | None, record) -> None
     try:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
         task = _ray_task()
-        pending = {}
-        for job in todo:
-            opts = {"num_cpus": job.resources.get("num_cpus", 1), "max_retries": 1}
-            if has_gpu and job.resources.get("num_gpus", 0) > 0:
-                opts["num_gpus"] = job.resources["num_gpus"]
-            else:
-                job.resources = {k: v for k, v in job.resources.items() if k != "num_gpus"}
-            pending[task.options(**opts).remote(job, str(store.root))] = job
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                job = pending.pop(ref)
-                try:
-                    o = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - worker died (OOM-killed, node lost …)
-                    o = {"index": job.index, "key": job.key, "status": "failed",
-                         "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-                record(o)
+        busy = _ray_round(todo[:max_jobs] if max_jobs is not None else todo, store, task, has_gpu, record, False)
+        _ray_round(busy, store, task, has_gpu, record, True)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _ray_round(jobs: list[Job], store: Store, task, has_gpu: bool, record, wait: bool) -> list[Job]:
+    """Submit ``jobs`` as Ray tasks and record their outcomes as they finish; returns the jobs that came back
+    busy (claimed by another process)."""
+    import ray  # noqa: PLC0415 - optional dependency (the [ray] extra)
+
+    pending, busy = {}, []
+    for job in jobs:
+        opts = {"num_cpus": job.resources.get("num_cpus", 1), "max_retries": 1}
+        if has_gpu and job.resources.get("num_gpus", 0) > 0:
+            opts["num_gpus"] = job.resources["num_gpus"]
+        else:
+            job.resources = {k: v for k, v in job.resources.items() if k != "num_gpus"}
+        pending[task.options(**opts).remote(job, str(store.root), wait)] = job
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            job = pending.pop(ref)
+            try:
+                o = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - worker died (OOM-killed, node lost …)
+                o = {"index": job.index, "key": job.key, "status": "failed",
+                     "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            if o["status"] == "busy":
+                busy.append(job)
+            else:
+                record(o)
+    return busy
 
 
 def _write_summary(store: Store, summary: SweepSummary) -> None:
@@ -887,6 +1046,12 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
     until the driver holds a result (what every further job costs once workers are up).
     ``ray.init`` time is reported apart.
     """
+    jobs, n = check_int("jobs", jobs, 1, MAX_REFERENCES), check_int("n", n, 1, MAX_N)
+    steps = None if steps is None else check_int("steps", steps, 1, MAX_STEPS)
+    seed = check_int("seed", seed, 0, 2 ** 63 - 1 - SWEEP_BENCH_SEED_BASE)
+    if not isinstance(workers, (list, tuple)) or not workers:
+        raise ConfigError(f"workers must be a non-empty list of worker counts, got {show(workers)}")
+    workers = [check_int("workers", w, 1, 1024) for w in workers]
     import ray  # noqa: PLC0415 - optional dependency (the [ray] extra)
 
     cfg = {"name": "bench", "extractors": ["toy/shape-resnet@logits"], "priors": ["toy/prior-fm"],

@@ -13,7 +13,6 @@ responsive and Stop works (it ends the run at the next denoising step). Results 
 from __future__ import annotations
 
 import html
-import io as _io
 import math
 import os
 import threading
@@ -26,12 +25,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from PIL import Image
 
 from ... import plots, toy
 from ...analysis.semantics import score_fiber
+from ...checks import show
 from ...errors import InputError
-from ...io import as_image_batch, load_image, pil_to_tensor
+from ...io import as_image_batch, load_image, load_image_bytes
 from ...plots import image_to_png
 from ...runs.store import Store, cached_sample_fiber
 from ...sampling import METHODS, NO_PRESET, PRESETS, resolve_settings
@@ -252,9 +251,8 @@ class FiberGallery(W.VBox):
         f = files[0] if isinstance(files, (list, tuple)) else next(iter(files.values()))
         content = bytes(f["content"]) if isinstance(f, dict) else bytes(f.content)
         name = f["name"] if isinstance(f, dict) else f.name
-        with Image.open(_io.BytesIO(content)) as im:
-            im.load()
-            self._uploaded = pil_to_tensor(im.copy(), name=name)
+        # the same checks, conversions and limits as a file on disk; errors name the uploaded file
+        self._uploaded = load_image_bytes(content, name=f"uploaded file {show(str(name), typed=False)}")
         self.ref_source.value = "upload"
         self._on_reference_change()
 
