@@ -1,6 +1,7 @@
 """SING: head decomposition, exact logit equality under null-space edits, IS/AS, translator, steering."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,11 +9,13 @@ from torch import nn
 
 from fiberbench import toy
 from fiberbench.errors import ConfigError, InputError
+from fiberbench.identity import file_sha256
 from fiberbench.nullspace import (
     Translator,
     angle_deg,
     attribute_score,
     factor_probe,
+    fit_linear_probe,
     fit_translator,
     head_decomposition,
     image_score,
@@ -211,8 +214,18 @@ def test_sing_frames_on_tiny_models(tiny_resnet, tiny_clip):
     concepts = ["a red shape", "a blue shape"]
     df = sing_scores(tiny_resnet, tiny_clip, tr, images[:10], concepts, labels=factors["shape"][:10])
     assert list(df.columns) == ["extractor", "clip", "image", "class", "label", "concept", "image_score",
-                                "attribute_score", "null_fraction"]
+                                "attribute_score", "null_fraction", "is_leak", "as_leak", "leak"]
     assert len(df) == 20 and df["image_score"].between(0, 180).all() and df["attribute_score"].abs().le(180).all()
+    # leakage flags: SING's demo thresholds by default, any angles on request
+    assert (df["is_leak"] == (df["image_score"] > 12)).all()
+    assert (df["as_leak"] == (df["attribute_score"].abs() > 4)).all()
+    assert (df["leak"] == (df["is_leak"] | df["as_leak"])).all()
+    cut = float(df["image_score"].median())
+    strict = sing_scores(tiny_resnet, tiny_clip, tr, images[:10], concepts, is_threshold=cut, as_threshold=0.0)
+    assert strict["is_leak"].sum() == (df["image_score"] > cut).sum() > 0
+    assert bool(strict["as_leak"].eq(df["attribute_score"].abs() > 0).all())
+    with pytest.raises(ConfigError, match="is_threshold"):
+        sing_scores(tiny_resnet, tiny_clip, tr, images[:2], concepts, is_threshold=-1)
     assert set(df["class"]) <= {"circle", "square", "triangle", "arrow"}
     summ = sing_summary(df, by=("extractor", "concept"), n_boot=200)
     assert set(summ["statistic"]) == {"image_score", "attribute_score", "null_fraction"}
@@ -325,3 +338,163 @@ def test_toy_sing_with_the_shipped_clip():
     assert own[(sr, "color")] < own[(cv, "color")]
     # and the colour classifier's null space carries shape
     assert own[(cv, "shape")] < own[(sr, "shape")]
+
+
+# --------------------------------------------------------------------------- SING's own definitions
+
+def _sing_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """SING's definition, written out: normalise, clamp the cosine to [-1, 1], arccos, degrees (float64)."""
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
+    return np.degrees(np.arccos(np.clip((a * b).sum(-1), -1.0, 1.0)))
+
+
+def _exact_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The same angle in extended precision (numpy longdouble): the yardstick for small angles."""
+    a, b = a.astype(np.longdouble), b.astype(np.longdouble)
+    a = a / np.sqrt((a * a).sum(-1, keepdims=True))
+    b = b / np.sqrt((b * b).sum(-1, keepdims=True))
+    d, s = np.sqrt(((a - b) ** 2).sum(-1)), np.sqrt(((a + b) ** 2).sum(-1))
+    return (2 * np.arctan2(d, s) * 180 / np.pi).astype(np.longdouble)
+
+
+@pytest.mark.parametrize("dims", [(64, 32, 10), (512, 256, 100)])
+def test_is_and_as_equal_sings_own_functions_on_float64_inputs(dims):
+    d_feat, d_clip, c = dims
+    g = torch.Generator().manual_seed(d_feat)
+    w = torch.randn(c, d_feat, generator=g, dtype=torch.float64)
+    dec = head_decomposition((w, torch.zeros(c, dtype=torch.float64)))
+    tr = Translator(torch.randn(d_clip, d_feat, generator=g, dtype=torch.float64),
+                    torch.randn(d_clip, generator=g, dtype=torch.float64))
+    h = torch.randn(300, d_feat, generator=g, dtype=torch.float64)
+    t = F.normalize(torch.randn(5, d_clip, generator=g, dtype=torch.float64), dim=-1)
+    # SING's principal features h - h V_null V_nullᵀ are ours to float64 rounding
+    v_null = dec.null_basis
+    assert float((h - h @ v_null @ v_null.T - dec.equivalent(h)).abs().max()) < 1e-12 * float(h.abs().max())
+    to, tp = tr(h).numpy(), tr(dec.equivalent(h)).numpy()  # the inputs SING's compute_is / compute_as see
+    is_ours = image_score(h, dec, tr).numpy()
+    as_ours = attribute_score(h, dec, tr, t).numpy()
+    is_sing = _sing_angle(to, tp)
+    as_sing = _sing_angle(to[:, None], t.numpy()[None]) - _sing_angle(tp[:, None], t.numpy()[None])
+    assert 10 < is_sing.min() and is_sing.max() < 170  # generic angles, where arccos is well conditioned
+    assert np.abs(is_ours - is_sing).max() < 1e-13
+    assert np.abs(as_ours - as_sing).max() < 1e-13
+
+
+def test_small_image_scores_are_exact_where_arccos_rounds():
+    """At IS ~ 0.01 degrees SING's arccos loses ~1e-10 degrees to rounding; ours stays at ~1e-13."""
+    g = torch.Generator().manual_seed(9)
+    dec = head_decomposition((torch.randn(10, 64, generator=g, dtype=torch.float64), torch.zeros(10)))
+    tr = Translator(torch.randn(32, 64, generator=g, dtype=torch.float64), torch.randn(32, generator=g,
+                                                                                       dtype=torch.float64))
+    h = torch.randn(200, 64, generator=g, dtype=torch.float64)
+    h = 10 * dec.equivalent(h) + 1e-3 * dec.null_component(h)
+    to, tp = tr(h).numpy(), tr(dec.equivalent(h)).numpy()
+    exact = _exact_angle(to, tp)
+    ours = image_score(h, dec, tr).numpy()
+    assert 1e-3 < float(exact.min()) and float(exact.max()) < 0.1
+    assert float(np.abs(ours - exact).max()) < 1e-13
+    assert float(np.abs(_sing_angle(to, tp) - exact).max()) > 1e-12  # the arccos form is the coarse one here
+
+
+# --------------------------------------------------------------------------- SING's model classes
+
+def _tiny_timm(kind: str, num_classes: int = 5):
+    import timm
+
+    torch.manual_seed({"resnet": 11, "bit": 12, "dino": 13}[kind])
+    if kind == "resnet":
+        return timm.create_model("resnet18", pretrained=False, num_classes=num_classes, layers=(1, 1, 1, 1),
+                                 channels=(8, 16, 16, 24), stem_width=8)
+    if kind == "bit":  # GroupNorm(32) needs 32 | bottleneck width: channels 128 -> 32
+        return timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=num_classes,
+                                 channels=(128, 128, 128, 128), stem_chs=32)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
+                             embed_dim=24, depth=1, num_heads=2)  # DINO-style: a backbone without head
+
+
+@pytest.fixture(scope="module")
+def sing_classes(tmp_path_factory):
+    """Tiny random ResNet, BiT (resnetv2, 1x1-conv head) and headless DINO-style ViT, saved as timm folders;
+    the ViT gets a linear probe fitted on toy shapes."""
+    from timm.models import save_for_hf
+
+    import fiberbench as fb
+
+    root = tmp_path_factory.mktemp("sing-classes")
+    args = {"resnet": dict(num_classes=5, layers=(1, 1, 1, 1), channels=(8, 16, 16, 24), stem_width=8),
+            "bit": dict(num_classes=5, channels=(128, 128, 128, 128), stem_chs=32),
+            "dino": dict(num_classes=0, img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2)}
+    for kind in args:
+        save_for_hf(_tiny_timm(kind), str(root / kind), model_args=args[kind], safe_serialization=True)
+    images, fac = toy.references(120, seed=77)
+    backbone = fb.load_extractor(f"timm/{root / 'dino'}@pre_logits")
+    probe = fit_linear_probe(backbone, images, fac["shape"], path=root / "probe.safetensors")
+    return {"root": root, "probe": probe, "images": images, "factors": fac}
+
+
+def test_classifier_heads_of_sings_model_classes(sing_classes):
+    import fiberbench as fb
+
+    root = sing_classes["root"]
+    x, _ = toy.references(6, seed=78)
+    heads = {}
+    for kind, kw in (("resnet", {}), ("bit", {}), ("dino", {"linear_probe": root / "probe.safetensors"})):
+        ext = fb.load_extractor(f"timm/{root / kind}@logits", **kw)
+        head = ext.classifier()
+        assert type(head) is nn.Linear and not head.weight.requires_grad
+        with torch.no_grad():
+            logits, h = ext(x), ext.pre_logits(x)
+            assert float((head(h) - logits).abs().max()) <= 1e-5 * float(logits.abs().max())
+        d = head_decomposition(ext)
+        heads[kind] = (d.rank, d.null_dim, tuple(head.weight.shape))
+        # exact in float64; the probe's dropped direction (below the float32 tolerance) moves logits by ~5e-7
+        assert float(d.logit_change(h.double(), d.equivalent(h.double())).max()) < (1e-5 if kind == "dino" else 1e-10)
+    # a penalised softmax probe's rows sum to zero: rank C - 1 (its 4th singular value is ~1e-8 of the 1st;
+    # that direction shifts all logits alike, which no softmax sees)
+    assert heads == {"resnet": (5, 19, (5, 24)), "bit": (5, 123, (5, 128)), "dino": (3, 21, (4, 24))}
+    # the BiT head is a 1x1 convolution; classifier() returns the same map as a Linear sharing its weights
+    bit = fb.load_extractor(f"timm/{root / 'bit'}@logits")
+    conv = bit.model.get_classifier()
+    assert isinstance(conv, nn.Conv2d) and bit.classifier().weight.data_ptr() == conv.weight.data_ptr()
+    # the probe carries its classes and its file's checksum
+    dino = fb.load_extractor(f"timm/{root / 'dino'}@logits", linear_probe=root / "probe.safetensors")
+    assert dino.classes == ["arrow", "circle", "square", "triangle"]
+    assert dino.card["linear_probe"]["sha256"] == file_sha256(root / "probe.safetensors")
+    assert sing_classes["probe"].train_accuracy > 0.5  # a random 1-block ViT's CLS token still separates shapes
+    headless = fb.load_extractor(f"timm/{root / 'dino'}@logits")
+    with pytest.raises(ConfigError, match="no classifier head.*linear_probe"):
+        headless.classifier()
+    with pytest.raises(ConfigError, match=r"weight \[C,24\]"):
+        headless.set_linear_head(torch.randn(3, 7))
+
+
+def test_table1_protocol_on_tiny_dino_vit_bit_and_resnet(sing_classes, tiny_clip):
+    import fiberbench as fb
+
+    root = sing_classes["root"]
+    exts = [fb.load_extractor(f"timm/{root / 'resnet'}@logits"), fb.load_extractor(f"timm/{root / 'bit'}@logits"),
+            fb.load_extractor(f"timm/{root / 'dino'}@logits", linear_probe=root / "probe.safetensors")]
+    images = sing_classes["images"]
+    per_image, summary = steering_benchmark(exts, tiny_clip, images[:10], "jellyfish", fit_images=images, steps=80)
+    assert len(per_image) == 30 and float(per_image["logit_change"].max()) < 1e-5
+    assert set(summary["extractor"]) == {e.spec for e in exts}
+    # steering toward "jellyfish" raises the cosine and opens a non-zero |AS| for every class of model
+    assert (summary["cos_after"] > summary["cos_before"]).all()
+    assert (summary["abs_as_mean"] > 0.1).all() and (summary["abs_as_mean"] < 180).all()
+    assert summary["translator_heldout_cosine"].between(-1, 1).all()
+
+
+def test_fit_linear_probe_recovers_a_linear_rule_and_refuses_bad_input(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 6, generator=g) * torch.tensor([1.0, 5.0, 0.1, 1.0, 1.0, 1.0]) + 2.0
+    y = np.where(x[:, 1] > 2.0, "up", "down")
+    probe = fit_linear_probe(None, features=x, labels=y, path=tmp_path / "p.safetensors")
+    assert probe.classes == ["down", "up"] and probe.train_accuracy > 0.97
+    assert probe.weight.shape == (2, 6) and probe.weight.dtype == torch.float32
+    w = probe.weight[1] - probe.weight[0]
+    assert float(w[1].abs()) > 5 * float(w[[0, 2, 3, 4, 5]].abs().max())  # it reads the one coordinate that matters
+    with pytest.raises(InputError, match="two classes"):
+        fit_linear_probe(None, features=x, labels=["a"] * 400)
+    with pytest.raises(InputError, match="one label per row"):
+        fit_linear_probe(None, features=x, labels=["a", "b"])

@@ -48,10 +48,15 @@ __all__ = [
     "HeadDecomposition", "head_decomposition", "Translator", "fit_translator", "load_translator",
     "pre_logit_features", "angle_deg", "image_score", "attribute_score", "concept_embeddings",
     "SteerResult", "steer", "sing_scores", "sing_summary", "steering_table", "steering_summary",
-    "steering_benchmark", "factor_probe", "toy_sing_report",
+    "steering_benchmark", "factor_probe", "toy_sing_report", "LinearProbe", "fit_linear_probe", "IS_LEAK_DEG",
+    "AS_LEAK_DEG", "predicted_classes",
 ]
 
 LOGIT_RTOL = 1e-5  # logits of equivalent features must agree to this relative tolerance (asserted)
+# "substantial leakage" in SING's demo reading: an image whose null space moves its CLIP embedding by more than
+# IS_LEAK_DEG, or its angle to a concept by more than AS_LEAK_DEG (degrees); sing_scores flags both
+IS_LEAK_DEG = 12.0
+AS_LEAK_DEG = 4.0
 
 
 # --------------------------------------------------------------------------- head decomposition
@@ -508,7 +513,8 @@ def steer(h: torch.Tensor, target, norm_bound: float, *, decomposition: HeadDeco
 
 # --------------------------------------------------------------------------- tidy frames
 
-def _class_names(extractor, logits: torch.Tensor) -> list[str]:
+def predicted_classes(extractor, logits: torch.Tensor) -> list[str]:
+    """The class name (``extractor.classes``, else the index as a string) of each row's argmax, ``[N]``."""
     classes = getattr(extractor, "classes", None)
     idx = logits.argmax(-1).tolist()
     return [str(classes[i]) if classes else str(i) for i in idx]
@@ -517,7 +523,8 @@ def _class_names(extractor, logits: torch.Tensor) -> list[str]:
 def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, concepts: Sequence[str] | dict,
                 *, decomposition: HeadDecomposition | None = None, labels: Sequence[Any] | None = None,
                 image_ids: Sequence[Any] | None = None, templates: Sequence[str] | None = None,
-                batch_size: int = 256) -> pd.DataFrame:
+                batch_size: int = 256, is_threshold: float = IS_LEAK_DEG,
+                as_threshold: float = AS_LEAK_DEG) -> pd.DataFrame:
     """IS and AS of every image toward every concept: a tidy frame, one row per (image, concept).
 
     ``concepts``: strings (prompts, or concepts expanded with ``templates``) or a
@@ -526,8 +533,13 @@ def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, c
     Columns: ``extractor``, ``clip``, ``image``, ``class`` (the classifier's
     prediction, from the logits of ``h``), ``label`` (``labels`` if given, else the
     prediction), ``concept``, ``image_score`` (IS, degrees), ``attribute_score``
-    (AS, degrees), ``null_fraction`` (``||P_null h|| / ||h||``).
+    (AS, degrees), ``null_fraction`` (``||P_null h|| / ||h||``), and the leakage flags ``is_leak``
+    (IS > ``is_threshold``), ``as_leak`` (|AS| > ``as_threshold``) and ``leak`` (either); the default
+    thresholds, 12 and 4 degrees, are SING's demo reading of "substantial leakage".
     """
+    for name, v in (("is_threshold", is_threshold), ("as_threshold", as_threshold)):
+        if not (isinstance(v, (int, float)) and 0 <= v <= 180):
+            raise ConfigError(f"{name} must be an angle in [0, 180] degrees, got {v!r}")
     decomposition = decomposition or head_decomposition(extractor)
     h = pre_logit_features(extractor, images, batch_size)
     t = concept_embeddings(clip, concepts if isinstance(concepts, dict) else list(concepts), templates)
@@ -535,7 +547,7 @@ def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, c
     is_ = image_score(h, decomposition, translator).numpy()
     as_ = attribute_score(h, decomposition, translator, t).reshape(len(h), len(concepts)).numpy()
     frac = (decomposition.null_component(h.double()).norm(dim=-1) / h.double().norm(dim=-1).clamp_min(1e-12)).numpy()
-    cls = _class_names(extractor, decomposition.logits(h.double()))
+    cls = predicted_classes(extractor, decomposition.logits(h.double()))
     ids = list(image_ids) if image_ids is not None else list(range(len(h)))
     lab = [str(v) for v in labels] if labels is not None else cls
     if len(ids) != len(h) or len(lab) != len(h):
@@ -546,6 +558,9 @@ def sing_scores(extractor, clip, translator: Translator, images: torch.Tensor, c
             rows.append((ids[i], cls[i], lab[i], c, float(is_[i]), float(as_[i, k]), float(frac[i])))
     df = pd.DataFrame(rows, columns=["image", "class", "label", "concept", "image_score", "attribute_score",
                                      "null_fraction"])
+    df["is_leak"] = df["image_score"] > is_threshold
+    df["as_leak"] = df["attribute_score"].abs() > as_threshold
+    df["leak"] = df["is_leak"] | df["as_leak"]
     df.insert(0, "clip", getattr(clip, "spec", None))
     df.insert(0, "extractor", getattr(extractor, "spec", None))
     return df
@@ -593,7 +608,7 @@ def steering_table(extractor, clip, images: torch.Tensor, concept: str = "jellyf
     h = pre_logit_features(extractor, images, batch_size)
     res = steer(h, concept, norm_bound, decomposition=decomposition, translator=translator, clip=clip,
                 relative_to=relative_to, steps=steps, templates=templates)
-    cls = _class_names(extractor, decomposition.logits(h.double()))
+    cls = predicted_classes(extractor, decomposition.logits(h.double()))
     df = pd.DataFrame({
         "extractor": getattr(extractor, "spec", None), "clip": getattr(clip, "spec", None),
         "image": np.arange(len(h)), "class": cls,
@@ -689,6 +704,90 @@ def factor_probe(extractor, images: torch.Tensor, labels: Sequence[Any], *, fact
         rows.append((getattr(extractor, "spec", None), factor, space, float((pred == y_idx[test.numpy()]).mean()),
                      chance, n_test))
     return pd.DataFrame(rows, columns=["extractor", "factor", "space", "accuracy", "chance", "n_heldout"])
+
+
+# --------------------------------------------------------------------------- linear probes
+
+@dataclass
+class LinearProbe:
+    """A linear classifier ``logits = weight @ h + bias`` fitted on a backbone's pre-logit features.
+
+    Attributes:
+        weight: ``[C,D]`` float32; bias: ``[C]`` float32; classes: the ``C`` label strings (row order).
+        train_accuracy: accuracy on the fitting features, in [0, 1].
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    classes: list[str]
+    train_accuracy: float
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``weight``/``bias`` as safetensors (the file the timm loader's ``linear_probe=`` reads);
+        the classes go into the metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}, str(path),
+                  metadata={"classes": json.dumps(self.classes), "format": "fiberbench.linear_probe/1",
+                            "train_accuracy": repr(self.train_accuracy)})
+        return path
+
+
+def fit_linear_probe(extractor, images: torch.Tensor | None = None, labels: Sequence[Any] | None = None, *,
+                     features: torch.Tensor | None = None, weight_decay: float = 1e-4, steps: int = 100,
+                     path: str | Path | None = None, batch_size: int = 256) -> LinearProbe:
+    """Multinomial logistic regression on pre-logit features: a linear head for a backbone that has none.
+
+    DINO-style protocol (SING's DINO-ViT row): the self-supervised backbone stays frozen, a linear layer
+    on its features is trained for the labels; SING then analyses that layer's null space.
+
+    Args:
+        extractor: a backbone with pre-logit features (``None`` when ``features`` is given).
+        images: ``[N,3,H,W]`` in [0,1]; labels: ``N`` labels (any hashables, classes sorted as strings).
+        features: precomputed ``[N,D]`` instead of images.
+        weight_decay: L2 penalty on the weight (times ``||W||²/2``, per sample mean loss).
+        steps: L-BFGS iterations (float64, full batch).
+        path: if given, the probe is also saved there (:meth:`LinearProbe.save`).
+
+    Returns:
+        :class:`LinearProbe` (``weight [C,D]``, ``bias [C]`` float32).
+    """
+    if features is None:
+        if images is None or extractor is None:
+            raise ConfigError("fit_linear_probe needs images and an extractor, or features=")
+        features = pre_logit_features(extractor, images, batch_size)
+    x = torch.as_tensor(features).detach().double()
+    lab = np.asarray([str(v) for v in (labels if labels is not None else [])], dtype=object)
+    if x.ndim != 2 or len(lab) != len(x):
+        raise InputError(f"need features [N,D] and one label per row; got {tuple(x.shape)} and {len(lab)} labels")
+    classes, y = np.unique(lab, return_inverse=True)
+    if len(classes) < 2:
+        raise InputError("a linear probe needs at least two classes")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ConfigError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    yt = torch.from_numpy(y)
+    # standardise for the optimiser's sake, then fold the scaling back into the head acting on raw features
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-8)
+    xs = (x - mu) / sd
+    w = torch.zeros(len(classes), x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xs @ w.T + b, yt) + 0.5 * weight_decay * (w / sd).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    weight = (w / sd).detach()
+    bias = (b - weight @ mu).detach()
+    acc = float(((x @ weight.T + bias).argmax(-1) == yt).double().mean())
+    probe = LinearProbe(weight.float(), bias.float(), [str(c) for c in classes], acc)
+    if path is not None:
+        probe.save(path)
+    return probe
 
 
 TOY_SING_MODELS = ("toy/shape-resnet@logits", "toy/color-vit@logits")

@@ -144,12 +144,60 @@ class Extractor(nn.Module):
         return m.forward_head(m.forward_features(x), pre_logits=True).flatten(1)
 
     def classifier(self) -> nn.Linear:
-        """The final linear layer (for SING), ``weight [C, D]``."""
+        """The final linear layer as an ``nn.Linear`` (for SING), ``weight [C, D]`` acting on :meth:`pre_logits`.
+
+        Found for timm models whose ``get_classifier()`` is an ``nn.Linear`` (ResNets, ViTs, a linear probe
+        installed with :meth:`set_linear_head`) or a 1x1 ``nn.Conv2d`` (BiT / ``resnetv2_*`` heads, applied to
+        pooled ``[N,D,1,1]`` features: the same map, returned as an equivalent ``nn.Linear`` sharing its weights).
+        ``ConfigError`` for a model without a head (DINO ViTs: install a probe) or with a non-linear one.
+        """
         m = self.model
         head = m.get_classifier() if hasattr(m, "get_classifier") else None
-        if not isinstance(head, nn.Linear):
-            raise ConfigError(f"{self.spec}: the classifier head is not a single nn.Linear ({type(head).__name__})")
-        return head
+        if isinstance(head, nn.Linear):
+            return head
+        if isinstance(head, nn.Conv2d) and head.kernel_size == (1, 1) and head.stride == (1, 1) \
+                and head.padding in ((0, 0), "valid") and head.groups == 1:
+            lin = nn.Linear(head.in_channels, head.out_channels, bias=head.bias is not None,
+                            device=head.weight.device, dtype=head.weight.dtype)
+            lin.weight = nn.Parameter(head.weight.detach().flatten(1), requires_grad=False)
+            if head.bias is not None:
+                lin.bias = nn.Parameter(head.bias.detach(), requires_grad=False)
+            return lin.eval()
+        if head is None or isinstance(head, nn.Identity):
+            raise ConfigError(f"{self.spec} has no classifier head (a self-supervised backbone such as a DINO ViT): "
+                              f"install a linear probe, e.g. load it with linear_probe=<file with weight [C,D] and "
+                              f"bias [C]> (fiberbench.nullspace.fit_linear_probe fits one)")
+        raise ConfigError(f"{self.spec}: the classifier head is not a single linear layer ({type(head).__name__})")
+
+    def set_linear_head(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Extractor":
+        """Install a linear probe ``logits = weight @ pre_logits + bias`` as the model's head (timm models).
+
+        Args:
+            weight: ``[C, D]`` with ``D`` the width of :meth:`pre_logits`; bias: ``[C]`` (default zeros).
+
+        The head replaces the model's own (``reset_classifier(C)``), frozen and on the model's device, so
+        ``@logits`` returns the probe's logits and :meth:`classifier` finds it. Returns ``self``.
+        """
+        m = self.model
+        if not hasattr(m, "reset_classifier") or not hasattr(m, "num_features"):
+            raise ConfigError(f"{self.spec}: only timm models (reset_classifier) take a linear probe")
+        weight = torch.as_tensor(weight).detach()
+        c = weight.shape[0] if weight.ndim == 2 else 0
+        bias = torch.zeros(c) if bias is None else torch.as_tensor(bias).detach()
+        d = int(getattr(m, "head_hidden_size", None) or m.num_features)
+        if weight.ndim != 2 or weight.shape[1] != d or bias.shape != (c,) or c == 0:
+            raise ConfigError(f"{self.spec}: a linear probe needs weight [C,{d}] and bias [C]; got "
+                              f"{tuple(weight.shape)} and {tuple(bias.shape)}")
+        m.reset_classifier(c)
+        head = m.get_classifier()
+        if not isinstance(head, nn.Linear) or head.in_features != d:
+            raise ConfigError(f"{self.spec}: reset_classifier({c}) gave {type(head).__name__}, not a Linear on {d}")
+        ref = next(m.parameters())
+        with torch.no_grad():
+            head.weight.copy_(weight.to(ref.device, ref.dtype))
+            head.bias.copy_(bias.to(ref.device, ref.dtype))
+        head.requires_grad_(False).eval()
+        return self
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, layer={self.layer!r}, input_size={self.input_size}"

@@ -1,11 +1,13 @@
 """``timm/<name>``: any timm model as an extractor, with the preprocessing of its ``pretrained_cfg``."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 import timm
+from safetensors import safe_open
 from timm.data import resolve_data_config
 
 from ...errors import ConfigError, close_matches
@@ -102,7 +104,8 @@ class TimmSource(ModelSource):
 
 
 def load_timm_extractor(name: str, layer: str | None, device="cpu", pretrained: bool = True,
-                        checkpoint: str | None = None, cache_dir: str | None = None, **kwargs) -> Extractor:
+                        checkpoint: str | None = None, cache_dir: str | None = None,
+                        linear_probe: str | Path | None = None, **kwargs) -> Extractor:
     """Any timm model as an Extractor, with the preprocessing of its ``pretrained_cfg``.
 
     ``name``: a timm model name (``resnet50.a1_in1k``; weights from the local Hugging Face
@@ -114,7 +117,11 @@ def load_timm_extractor(name: str, layer: str | None, device="cpu", pretrained: 
     ``timm.create_model`` (e.g. ``num_classes``). Preprocessing follows timm's eval
     transform (``timm.data.resolve_data_config``): resize the short side to
     ``input_size / crop_pct``, centre-crop ``input_size`` (or squash for ``crop_mode='squash'``),
-    normalise; done differentiably on [0,1] images of any size.
+    normalise; done differentiably on [0,1] images of any size. ``linear_probe``: a file holding
+    ``weight [C,D]`` and ``bias [C]`` (safetensors or a state dict; ``fiberbench.nullspace.fit_linear_probe``
+    writes one) installed as the head, as for a DINO backbone's linear evaluation: ``@logits`` are then the
+    probe's, :meth:`Extractor.classifier` finds it, the card records the file and its sha256 (the spec does not
+    name the probe: pass the checksum to the results store).
     """
     model_name, base = _timm_names(name)
     spec = f"timm/{name}"
@@ -140,9 +147,32 @@ def load_timm_extractor(name: str, layer: str | None, device="cpu", pretrained: 
     interp = interp if interp in ("bilinear", "bicubic", "nearest") else "bicubic"
     layer = layer or "logits"
     cfg = model.pretrained_cfg or {}
-    return Extractor(model, spec=f"timm/{name}@{layer}", layer=layer, input_size=size, mean=data["mean"],
-                     std=data["std"], interpolation=interp, resize="squash" if crop_mode == "squash" else "shortest",
-                     resize_size=int(math.floor(size / crop_pct)),
-                     card={"data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()},
-                           "pretrained_cfg": {k: v for k, v in cfg.items()
-                                              if isinstance(v, (str, int, float, tuple, list))}}).to(device)
+    ext = Extractor(model, spec=f"timm/{name}@{layer}", layer=layer, input_size=size, mean=data["mean"],
+                    std=data["std"], interpolation=interp, resize="squash" if crop_mode == "squash" else "shortest",
+                    resize_size=int(math.floor(size / crop_pct)),
+                    card={"data_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()},
+                          "pretrained_cfg": {k: v for k, v in cfg.items()
+                                             if isinstance(v, (str, int, float, tuple, list))}})
+    if linear_probe is not None:
+        install_linear_probe(ext, linear_probe)
+    return ext.to(device)
+
+
+def install_linear_probe(ext: Extractor, path: str | Path) -> None:
+    """Install the probe in ``path`` (``weight [C,D]``, ``bias [C]``) as ``ext``'s head; its class names (a
+    safetensors file's ``classes`` metadata, JSON) become ``ext.classes``."""
+    path = Path(path)
+    sd = load_state_dict(path)
+    if "weight" not in sd:
+        raise ConfigError(f"{ext.spec}: linear probe {path} holds {sorted(sd)[:6]}, not 'weight' [C,D] and 'bias' [C]")
+    ext.set_linear_head(sd["weight"], sd.get("bias"))
+    classes = None
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            classes = json.loads((f.metadata() or {}).get("classes", "null"))
+    if classes is not None:
+        if len(classes) != sd["weight"].shape[0]:
+            raise ConfigError(f"{ext.spec}: linear probe {path} names {len(classes)} classes for "
+                              f"{sd['weight'].shape[0]} rows")
+        ext.classes = [str(c) for c in classes]
+    ext.card["linear_probe"] = {"file": str(path), "sha256": file_sha256(path), "classes": int(sd["weight"].shape[0])}
