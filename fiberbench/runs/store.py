@@ -83,8 +83,12 @@ def _canon(v: Any) -> Any:
 def run_config(prior: Any, extractor: Any, reference, *, n: int = 16, method: str = "ndtm",
                steps: int | None = None, seed: int = 0, loss: str | None = None, init="noise",
                preset: str | None = None, reference_ids: Iterable[str] | None = None, dtype=None,
-               checksums: Mapping[str, str | None] | None = None, **hyperparameters) -> dict[str, Any]:
+               checksums: Mapping[str, str | None] | None = None, spec_checked: bool = False,
+               **hyperparameters) -> dict[str, Any]:
     """The full content-defining config of a :func:`~fiberbench.sampling.sample_fiber` call, with its ``key``.
+
+    Spec strings are checked as :func:`~fiberbench.models.check_spec` checks them, unless ``spec_checked`` says
+    the caller did (a sweep checks each spec once, not once per job).
 
     ``prior`` / ``extractor`` are spec strings or loaded models (their ``.spec`` is used; weights are
     checksummed from the files behind the spec, or taken from ``checksums={"prior": …, "extractor": …}``
@@ -102,7 +106,7 @@ def run_config(prior: Any, extractor: Any, reference, *, n: int = 16, method: st
         raise ConfigError("run_config needs spec strings (or models loaded from one, with a .spec); "
                           f"got prior={show(prior, 60)}, extractor={show(extractor, 60)}")
     for spec, kind in ((pspec, "prior"), (espec, "extractor")):
-        if isinstance(prior if kind == "prior" else extractor, str):  # a loaded model is used as it is
+        if not spec_checked and isinstance(prior if kind == "prior" else extractor, str):  # models: used as they are
             check_spec(spec, kind)
     pspec, espec = canonical_spec(pspec, "prior"), canonical_spec(espec, "extractor")
     n = check_int("n", n, 1, MAX_N)

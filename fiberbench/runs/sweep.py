@@ -496,7 +496,7 @@ def _spec_problem(spec: str, key: str, kind: str) -> str | None:
     try:
         check_available(spec, kind)
     except ConfigError as e:
-        return f"{key}: {e}"
+        return f"{key}: {e}" if spec in str(e) else f"{key}: {_show(spec)}: {e}"
     return None
 
 
@@ -705,7 +705,7 @@ def _build_jobs(plan: _Plan, refs: list[_Reference], sums: Mapping[str, str | No
                       columns={"sweep": plan.name, **cols},
                       checksums={"prior": sums.get(pri), "extractor": sums.get(ext)}, threads=plan.threads,
                       batch_size=plan.batch_size, resources=plan.resources)
-            job.config = run_config(pri, ext, ref, checksums=job.checksums, **job.sample_kwargs())
+            job.config = run_config(pri, ext, ref, checksums=job.checksums, spec_checked=True, **job.sample_kwargs())
             job.key = job.config["key"]
             jobs.append(job)
     return jobs
