@@ -25,15 +25,18 @@ from .analysis.nullspace import (
     fit_translator,
     head_decomposition,
     image_score,
+    load_sing_extractors,
     load_translator,
     pre_logit_features,
     predicted_classes,
+    sing_images,
     sing_scores,
     sing_summary,
     steer,
     steering_benchmark,
     steering_summary,
     steering_table,
+    toy_labels,
     toy_sing_report,
 )
 from .analysis.semantics import angle_deg
@@ -45,10 +48,11 @@ from .analysis.sing_fibers import (
     visualize_equivalents,
 )
 
-__all__ = ["angle_deg", "AS_LEAK_DEG", "attribute_score", "change_table", "concept_embeddings", "EquivalentPictures",
-           "equivalent_targets", "equivalents_summary", "factor_probe", "fit_linear_probe", "fit_translator",
+__all__ = ["angle_deg", "AS_LEAK_DEG", "attribute_score", "change_table", "concept_embeddings", "equivalent_targets",
+           "EquivalentPictures", "equivalents_summary", "factor_probe", "fit_linear_probe", "fit_translator",
            "head_backbone_plot", "head_decomposition", "head_invariance_truth", "head_vs_backbone", "HeadBackbone",
-           "HeadDecomposition", "image_score", "IS_LEAK_DEG", "LinearProbe", "load_translator", "LOGIT_RTOL",
-           "nonnegative_equivalent", "pre_logit_features", "predicted_classes", "sign_agreement", "sing_scores",
-           "sing_summary", "steer", "steering_benchmark", "steering_summary", "steering_table", "SteerResult",
-           "TOY_SING_MODELS", "toy_sing_report", "Translator", "visualize_equivalents"]
+           "HeadDecomposition", "image_score", "IS_LEAK_DEG", "LinearProbe", "load_sing_extractors",
+           "load_translator", "LOGIT_RTOL", "nonnegative_equivalent", "pre_logit_features", "predicted_classes",
+           "sign_agreement", "sing_images", "sing_scores", "sing_summary", "steer", "steering_benchmark",
+           "steering_summary", "steering_table", "SteerResult", "toy_labels", "TOY_SING_MODELS", "toy_sing_report",
+           "Translator", "visualize_equivalents"]

@@ -186,3 +186,105 @@ def test_fiber_gallery_in_jupyterlab(lab, tmp_path):
             browser.close()
     assert shot.exists() and shot.stat().st_size > 20_000
     print(f"browser test: {time.time() - t0:.1f} s in the browser; screenshot {shot}")
+
+
+# --------------------------------------------------------------------------- notebooks 03 and 08
+
+SING_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.fixture
+def lab_with(lab, tmp_path):
+    """The same JupyterLab; ``add(name, params)`` writes a copy of ``notebooks/<name>.ipynb`` with a parameter cell
+    (``params`` as Python source) into the folder it serves and returns the file name."""
+    import nbformat
+
+    def add(name: str, params: str) -> str:
+        nb = nbformat.read(SING_NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        idx = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        cell = nbformat.v4.new_code_cell("import torch\ntorch.set_num_threads(1)\n" + params)
+        cell.metadata["tags"] = ["injected-parameters"]
+        nb.cells.insert(idx + 1, cell)
+        nbformat.write(nb, tmp_path / "lab" / f"{name}.ipynb")
+        return f"{name}.ipynb"
+
+    return lab, add
+
+
+def run_all_in_browser(base: str, token: str, notebook: str, sentinel: str, shot: Path, check, timeout_ms: int):
+    """Open ``notebook`` in JupyterLab, Run All from the menu, wait for ``sentinel`` in an output, ``check(page)``,
+    screenshot to ``shot`` (the page, its HTML and console on failure beside it)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        console = []
+        page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        try:
+            page.goto(f"{base}/lab/tree/{notebook}?reset&token={token}")
+            page.wait_for_function(KERNEL_READY, timeout=180_000)
+            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+            page.wait_for_selector(f".jp-OutputArea-output:has-text('{sentinel}')", timeout=timeout_ms)
+            assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+                                ":has-text('Traceback')").count() == 0
+            check(page)
+            page.screenshot(path=str(shot), full_page=True)
+        except Exception:
+            page.screenshot(path=str(shot.with_name("failure.png")), full_page=True)
+            shot.with_name("failure.html").write_text(page.content())
+            shot.with_name("console.log").write_text("\n".join(console))
+            raise
+        finally:
+            browser.close()
+
+
+@pytest.mark.timeout(600)
+def test_null_space_sing_in_jupyterlab(lab_with, tmp_path):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    (base, token), add = lab_with
+    clip = "toy/clip" if "toy/clip" in fb.list_models(kind="clip") else None
+    if clip is None:
+        from test_notebooks import _tiny_open_clip
+
+        clip = _tiny_open_clip(tmp_path / "tiny-clip-03", 0)
+    name = add("03_null_space_sing", f"CLIP = {clip!r}\nN_FIT = 300\nN_SCORE = 12\nSTEER_STEPS = 60\n"
+                                     "CONCEPTS = ['red', 'circle']\nSTEER_TO = 'blue'")
+
+    def check(page):
+        assert page.locator(".jp-RenderedPlotly").count() == 1  # the AS heatmap
+        assert page.locator(".jp-RenderedPlotly .heatmaplayer, .jp-RenderedPlotly .hm").count() >= 1
+        page.locator(".fb-nullspace").first.scroll_into_view_if_needed()
+        assert page.locator(".fb-nullspace").count() == 1 and page.locator(".fb-steer").count() == 1
+        page.wait_for_selector(".fb-nullspace-plot .js-plotly-plot .barlayer .trace.bars", timeout=60_000)
+        assert page.locator(".jp-OutputArea-output:has-text('Table 1 toward')").count() == 1
+
+    shot = tmp_path / "null_space_sing.png"
+    run_all_in_browser(base, token, name, "SING_DONE 24", shot, check, 420_000)
+    assert shot.exists() and shot.stat().st_size > 20_000
+
+
+@pytest.mark.timeout(900)
+def test_null_space_pictures_in_jupyterlab(lab_with, tmp_path):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    (base, token), add = lab_with
+    name = add("08_null_space_pictures", "")  # the notebook's own defaults: the teaching run and its checked finding
+
+    def check(page):
+        assert page.locator(".jp-RenderedPlotly").count() == 3  # the pictures, the IS bars, head vs backbone
+        # the pictures: 2 images x 3 targets x (a label cell + 4 samples), every one an <image> in the grid
+        assert page.locator(".jp-RenderedPlotly .imagelayer image").count() == 2 * 3 * 5
+        heights = page.evaluate(BAR_HEIGHTS, ".jp-RenderedPlotly")
+        assert len(heights) > 0 and max(heights) > 0
+        assert page.locator(".jp-OutputArea-output:has-text('background kept in @pre_logits fibers')").count() == 1
+
+    shot = tmp_path / "null_space_pictures.png"
+    run_all_in_browser(base, token, name, "NULL_PICTURES_DONE 72", shot, check, 720_000)
+    assert shot.exists() and shot.stat().st_size > 20_000

@@ -17,7 +17,7 @@ import fiberbench as fb
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["00_quickstart", "01_fiber_gallery", "02_invariance_per_class", "03_null_space_sing",
-             "04_compare_models", "05_real_models", "06_paper_figures"]
+             "04_compare_models", "05_real_models", "06_paper_figures", "08_null_space_pictures"]
 
 
 def inject(nb, params: dict, threads: int = 1):
@@ -197,14 +197,76 @@ def test_02_invariance_per_class(kernel, tmp_path, clip_spec):
 def test_03_null_space_sing(kernel, tmp_path, clip_spec):
     nb, text = run_notebook(kernel, "03_null_space_sing", dict(CLIP=clip_spec, N_FIT=300, N_SCORE=12, STEER_STEPS=60,
                                                        CONCEPTS=["red", "circle"], STEER_TO="blue"))
+    check_sing_notebook(nb, text, n_scores=24, n_models=len(two_extractors()))
+
+
+def check_sing_notebook(nb, text: str, n_scores: int, n_models: int) -> None:
+    """Notebook 03's printed numbers: exact logit equality, translator fit, steering, leakage and Table 1."""
     assert number(text, r"removing the null component: " + FLOAT) <= 1e-5
     assert -1 <= number(text, r"held-out cosine to CLIP: " + FLOAT) <= 1
     before, after = number(text, r"cos " + FLOAT + " ->"), number(text, r"-> " + FLOAT + ";")
     assert after >= before
     assert number(text, r"max logit change " + FLOAT) <= 1e-5
     assert number(text, r"null space " + FLOAT + " dims") >= 1
+    assert 0 <= number(text, r"in " + FLOAT + r"% of images") <= 100
+    assert number(text, r"Table 1 toward \S+: max logit change " + FLOAT) <= 1e-5
+    assert len(re.findall(r"abs_as_mean", text)) >= 1 and text.count("@logits") >= n_models
     assert mime_count(nb, "application/vnd.jupyter.widget-view+json") == 1
-    assert "SING_DONE 24" in text
+    assert f"SING_DONE {n_scores}" in text
+
+
+@pytest.fixture(scope="module")
+def sing_standins(tmp_path_factory):
+    """Tiny random models of SING's classes saved as timm folders (ResNet, BiT with its 1x1-conv head, a
+    headless DINO-style ViT with a random linear probe), a tiny open_clip and a folder of 20 images."""
+    import timm
+    from PIL import Image
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    root = tmp_path_factory.mktemp("sing-standins")
+    args = {"resnet": ("resnet18", dict(num_classes=5, layers=[1, 1, 1, 1], channels=[8, 16, 16, 16], stem_width=8)),
+            "bit": ("resnetv2_50x1_bit", dict(num_classes=5, channels=[128, 128, 128, 128], stem_chs=32)),
+            "dino": ("vit_tiny_patch16_224", dict(num_classes=0, img_size=32, patch_size=8, embed_dim=24, depth=1,
+                                                  num_heads=2))}
+    torch.manual_seed(0)
+    for kind, (arch, kw) in args.items():
+        m = timm.create_model(arch, **kw, pretrained_cfg_overlay=dict(input_size=(3, 32, 32)))
+        save_for_hf(m, str(root / kind), model_args=kw, safe_serialization=True)
+    save_file({"weight": torch.randn(4, 24), "bias": torch.randn(4)}, str(root / "probe.safetensors"),
+              metadata={"classes": json.dumps(["circle", "square", "triangle", "arrow"])})
+    folder = root / "images"
+    folder.mkdir()
+    for i, im in enumerate(fb.toy.render(fb.toy.sample_factors(20, seed=12))):
+        Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(folder / f"im{i:02d}.png")
+    exts = [f"timm/{root / k}@logits" for k in args]
+    return dict(EXTRACTORS=exts, LINEAR_PROBES={exts[2]: str(root / "probe.safetensors")},
+                CLIP=_tiny_open_clip(root / "clip", 0), IMAGES=str(folder), IMAGE_SIZE=32)
+
+
+def test_03_null_space_sing_on_tiny_standins(kernel, sing_standins):
+    params = dict(**sing_standins, N_FIT=14, N_SCORE=6, STEER_STEPS=40, CONCEPTS=["a dog", "red"], STEER_TO="a cat",
+                  TABLE1_CONCEPT="jellyfish")
+    nb, text = run_notebook(kernel, "03_null_space_sing", params)
+    check_sing_notebook(nb, text, n_scores=12, n_models=3)
+    for spec in sing_standins["EXTRACTORS"]:  # every model has its Table 1 row: |AS| after steering
+        assert 0 < number(text, re.escape(spec) + r": \|AS\| " + FLOAT) < 180
+
+
+@pytest.mark.timeout(900)
+def test_08_null_space_pictures(kernel):
+    """At its defaults (the teaching run, ~2 min on one thread): the pictures and the checked finding."""
+    nb, text = run_notebook(kernel, "08_null_space_pictures", {}, timeout=600)
+    assert "NULL_PICTURES_DONE 72" in text  # 3 targets x 2 images x 4 samples; 2 layers x 8 references x 3 factors
+    at_h = number(text, r"logit change: samples at h " + FLOAT)
+    assert at_h < 0.1  # the h samples' logits are those of h, within the fiber's own precision
+    kept_h, kept_hp = number(text, r"background kept: at h " + FLOAT + "%"), number(text, r"at h' " + FLOAT + "%")
+    assert kept_h > kept_hp  # removing the null component removed the background from the pictures
+    pre = number(text, r"background kept in @pre_logits fibers " + FLOAT + "%")
+    logit = number(text, r"in @logits fibers " + FLOAT + "%")
+    assert pre > logit
+    assert number(text, r"image_score_features: " + FLOAT + " degrees") > 0
+    assert mime_count(nb, "application/vnd.plotly.v1+json") == 3  # the pictures, the IS bars, head vs backbone
 
 
 def test_04_compare_models(kernel, tmp_path, clip_spec):

@@ -41,6 +41,7 @@ from ..errors import ConfigError, InputError
 from ..models import load_extractor
 from ..toy import references
 from ..toy.vocab import TOY_VOCAB
+from .metrics import load_image_folder
 from .semantics import angle_deg, class_embeddings
 from .stats import per_class
 
@@ -49,7 +50,7 @@ __all__ = [
     "pre_logit_features", "angle_deg", "image_score", "attribute_score", "concept_embeddings",
     "SteerResult", "steer", "sing_scores", "sing_summary", "steering_table", "steering_summary",
     "steering_benchmark", "factor_probe", "toy_sing_report", "LinearProbe", "fit_linear_probe", "IS_LEAK_DEG",
-    "AS_LEAK_DEG", "predicted_classes",
+    "AS_LEAK_DEG", "predicted_classes", "sing_images", "toy_labels", "load_sing_extractors",
 ]
 
 LOGIT_RTOL = 1e-5  # logits of equivalent features must agree to this relative tolerance (asserted)
@@ -788,6 +789,49 @@ def fit_linear_probe(extractor, images: torch.Tensor | None = None, labels: Sequ
     if path is not None:
         probe.save(path)
     return probe
+
+
+def sing_images(source: str = "toy", n_fit: int = 1000, n_score: int = 48, *, size: int | None = None,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame | None]:
+    """Images for SING: ``(fit_images [n_fit,3,H,W], images [n_score,3,H,W], factors or None)``, in [0,1].
+
+    ``source="toy"``: fresh renders (seeds ``10_000 + seed`` to fit, ``20_000 + seed`` to score) and the
+    scored renders' factor table. A folder: its images sorted by name at ``size`` (required when they differ),
+    the last ``n_score`` scored and up to ``n_fit`` of the others fitting the translator; factors ``None``.
+    """
+    if source == "toy":
+        fit, _ = references(n_fit, seed=10_000 + seed)
+        images, factors = references(n_score, seed=20_000 + seed)
+        return fit, images, factors
+    folder, _ = load_image_folder(source, size=size)
+    if len(folder) < n_score + 2:
+        raise InputError(f"{source} holds {len(folder)} images: SING needs {n_score} to score and at least 2 more "
+                         f"to fit the translator")
+    rest = folder[:len(folder) - n_score]
+    return rest[:n_fit], folder[len(folder) - n_score:], None
+
+
+def toy_labels(extractor, factors: pd.DataFrame | None) -> list[str] | None:
+    """The true class of each image for a toy classifier (its card's ``target`` column of ``factors``), else None."""
+    target = (getattr(extractor, "card", {}) or {}).get("target")
+    if factors is None or target not in getattr(factors, "columns", ()):
+        return None
+    return [str(v) for v in factors[target]]
+
+
+def load_sing_extractors(specs: Sequence[str], probes: dict[str, str] | None = None, device: str = "cpu") -> dict:
+    """``{spec: Extractor}`` for SING, each with a linear head: ``probes`` maps a headless backbone's spec to its
+    linear-probe file (the timm loader's ``linear_probe=``). ``ConfigError`` up front for a model without one."""
+    probes = dict(probes or {})
+    unknown = sorted(set(probes) - set(specs))
+    if unknown:
+        raise ConfigError(f"linear probes given for {unknown}, which are not among the extractors {list(specs)}")
+    out = {}
+    for spec in specs:
+        ext = load_extractor(spec, device=device, **({"linear_probe": probes[spec]} if spec in probes else {}))
+        ext.classifier()  # a model SING cannot analyse fails here, with the reason
+        out[spec] = ext
+    return out
 
 
 TOY_SING_MODELS = ("toy/shape-resnet@logits", "toy/color-vit@logits")
