@@ -380,7 +380,8 @@ def equivalents_figure(pics: EquivalentPictures, images: torch.Tensor, max_image
                 caps.append(f"Δlogit {row['logit_change']:.2f}<br>d {row['target_distance']:.2f}")
                 outline.append(None)
     return plots.image_grid(torch.stack(cells), caps, ncols=n + 1, outline=outline,
-                            title="same logits, different pre-logits: samples at h, h' (and h + n)")
+                            title="targets with the logits of h: samples at h, h' (and h + n); "
+                                  "captions: relative logit change, distance to the target")
 
 
 def is_figure(scores: pd.DataFrame):

@@ -55,7 +55,9 @@ class FiberResult:
 
     Attributes:
         images: ``[B*n,3,H,W]`` in [0,1], reference-major (rows i*n … i*n+n-1 belong to reference i).
-        reference: ``[B,3,H,W]`` in [0,1].
+        reference: ``[B,3,H,W]`` in [0,1]; all zeros (black, the prior's size) for fibers of given feature vectors
+            without reference images (``sample_fiber(target_features=...)``: ``reference_features`` holds the
+            targets and ``config["targets"]`` says ``"features"``).
         feature_distance: ``[B*n]`` final fiber loss (``config["loss"]``) against the fixed target f(x_ref).
         cosine: ``[B*n]`` cosine similarity of sample and reference features.
         status: per sample ``"ok"``, ``"recovered: non-finite loss 2 times; lr halved 2 times"`` (faults
