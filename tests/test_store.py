@@ -66,7 +66,7 @@ def test_key_follows_content_not_spelling(models_dir, refs):
     base = run_config("toy/prior-fm", "toy/shape-resnet@logits", refs, **KW)
     same = [
         run_config("toy/prior-fm", "toy/shape-resnet", refs, **KW),  # default layer spelled out or not
-        run_config("toy/prior-fm", "toy/shape-resnet@logits", refs, n=2, steps=5, lr=0.1, inner_steps=4,
+        run_config("toy/prior-fm", "toy/shape-resnet@logits", refs, n=2, steps=5, lr=0.1, inner_steps=8,
                    preset="toy", callback=print, batch_size=1),  # preset values restated, non-content kwargs
         run_config("toy/prior-fm", "toy/shape-resnet@logits", refs.clone(), **KW),
     ]

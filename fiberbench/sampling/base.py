@@ -125,6 +125,6 @@ def report(callback, i: int, t, x: torch.Tensor, x0: torch.Tensor, problem, loss
                   "images": problem.prior.decode(x0.detach()), "loss": None if loss is None else loss.detach()})
 
 
-def progress(total: int, disable: bool | None):
-    """The step loop of a sampler (a tqdm range, silent when ``disable``)."""
-    return trange(total, disable=disable, leave=False, desc="fiber")
+def progress(total: int, disable: bool | None, start: int = 0):
+    """The step loop of a sampler, steps ``start .. total - 1`` (a tqdm range, silent when ``disable``)."""
+    return trange(start, total, disable=disable, leave=False, desc="fiber")

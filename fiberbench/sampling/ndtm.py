@@ -2,31 +2,43 @@
 
 Pandey et al. 2025 (arXiv 2502.03686); used for fibers by Rousselot, Wendebourg & Köthe 2026. At every
 denoising step a control ``u`` is optimised so that x0_hat(x_t + gamma_t u) lies in the fiber, then the
-prior steps from the controlled state.
+prior steps from the controlled state. With ``particles`` K > 1 the high-noise steps run on K guided particles
+per sample, one of which is drawn by its fiber loss (:mod:`.steering`).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from .base import progress, register_sampler, report
-from .optim import RowAdam, guard
-from .problem import FiberProblem, finite_rows, gamma_at
+from .control import Control, controlled_step, guide_rows, optimise_control
+from .problem import FiberProblem, gamma_at
+from .steering import Steering, steer_particles
 
 NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_score=0.0, w_term=1.0,
                      gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero",
                      grad_clip=1.0, grad_norm="clip", fiber_tol=0.0, adam_eps=1e-4, recurrence=1,
-                     recurrence_tau=500.0)
+                     recurrence_tau=500.0, particles=1, particle_tau=600.0, particle_inner_steps=2,
+                     particle_grad_norm="unit", particle_lambda=20.0, early_draw_tol=0.0, skip_tol=0.0)
+PARTICLE_RULES = {
+    "particles": dict(kind="int", lo=1, hi=256),
+    "particle_tau": dict(kind="real", lo=0.0, hi=1000.0),
+    "particle_inner_steps": dict(kind="int", lo=0, hi=1000),
+    "particle_grad_norm": dict(kind="choice", choices=("clip", "unit")),
+    "particle_lambda": dict(kind="real", lo=0.0),
+    "early_draw_tol": dict(kind="real", lo=0.0),
+    "skip_tol": dict(kind="real", lo=0.0),
+}
 
 
-@register_sampler("ndtm", defaults=NDTM_DEFAULTS)
+@register_sampler("ndtm", defaults=NDTM_DEFAULTS, rules=PARTICLE_RULES)
 def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, disable=None, *,
                 inner_steps: int = 4, lr: float = 0.05, lr_decay: str = "linear", w_ctrl: float = 0.0,
                 w_score: float = 0.0, w_term: float = 1.0, gamma=1.0, eta: float = 0.0, target: str = "fixed",
                 control_init: str = "zero", grad_clip: float = 1.0, grad_norm: str = "clip",
                 fiber_tol: float = 0.0, adam_eps: float = 1e-8, recurrence: int = 1,
-                recurrence_tau: float = 500.0) -> torch.Tensor:
+                recurrence_tau: float = 500.0, particles: int = 1, particle_tau: float = 600.0,
+                particle_inner_steps: int = 2, particle_grad_norm: str = "unit", particle_lambda: float = 20.0,
+                early_draw_tol: float = 0.0, skip_tol: float = 0.0) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
@@ -52,101 +64,55 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     per-sample noise) and the step is redone, r - 1 times, the last result is kept ("time travel",
     FreeDoM / Universal Guidance). It gives the coarse layout (shape, background) r chances to move to
     the fiber while the noise level still lets it; cost: r times the guided calls of those steps.
+
+    ``particles`` K > 1 runs the steps with tau >= ``particle_tau`` on K particles per sample, each an NDTM
+    trajectory with ``particle_inner_steps`` inner steps and ``particle_grad_norm``, then draws one per sample
+    with weight ``exp(-particle_lambda * L(x0_hat))`` (``early_draw_tol`` > 0: as soon as one particle of a
+    sample has L <= early_draw_tol) and continues as above (:mod:`.steering`: K tries at the coarse layout,
+    which NDTM alone gets wrong on embeddings). ``skip_tol`` > 0: a sample whose x0_hat after the previous
+    step has fiber loss <= skip_tol takes that step without its inner loop (one extractor pass per step
+    decides). Evaluation counts are per output sample, every particle counted.
     """
     n_steps = len(sched)
     ctrl = Control(inner_steps, w_ctrl, w_score, w_term, control_init, grad_clip, grad_norm, fiber_tol, adam_eps)
+
+    def lr_at(i: int) -> float:
+        return lr * (1.0 - i / n_steps) if lr_decay == "linear" else lr
+
+    start, last, x0 = 0, None, x  # last: x0_hat's fiber loss after the previous step, when skip_tol is used
+    if particles > 1:
+        steering = Steering(particles, particle_tau, particle_inner_steps, particle_grad_norm, particle_lambda,
+                            early_draw_tol)
+        x, x0, start, last = steer_particles(problem, sched, steering, ctrl, gamma=gamma, lr_at=lr_at, eta=eta,
+                                             target=target, callback=callback, disable=disable)
+        last = last if skip_tol > 0 else None
     u = torch.zeros_like(x)
-    for i in progress(n_steps, disable):
+    for i in progress(n_steps, disable, start):
         t, s = sched.times[i], sched.times[i + 1]
-        g = gamma_at(gamma, float(sched.taus[i]))
-        rate = lr * (1.0 - i / n_steps) if lr_decay == "linear" else lr
+        g, rate = gamma_at(gamma, float(sched.taus[i])), lr_at(i)
         reps = int(recurrence) if g > 0 and float(sched.taus[i]) >= recurrence_tau else 1
         for rep in range(reps):
             if rep:  # time travel: back to t from the state just reached at s
                 x = problem.prior.renoise(x, s, t, problem.noise.draw())
             loss = None
             if g > 0 and inner_steps > 0 and rate > 0 and bool(problem.live().any()):
-                u, loss = optimise_control(problem, x, u, t, g, problem.target_at(t, target), rate, i, ctrl)
+                h = problem.target_at(t, target)
+                if last is None:
+                    u, loss = optimise_control(problem, x, u, t, g, h, rate, i, ctrl)
+                else:  # samples already on the fiber skip the inner loop
+                    u, loss = guide_rows(problem, x, u, t, g, h, rate, i, ctrl, problem.live() & ~(last <= skip_tol))
             u[~problem.live()] = 0  # given up: unguided from here on
             x, x0 = controlled_step(problem, x, u, g, t, s, eta, i)
+            if skip_tol > 0:
+                last = on_fiber_loss(problem, x0)
         problem.record(loss, x0)
         report(callback, i, t, x, x0, problem, loss)
     return x0
 
 
-@dataclass(frozen=True)
-class Control:
-    """The inner problem's settings (see :func:`sample_ndtm` for each)."""
-
-    inner_steps: int
-    w_ctrl: float
-    w_score: float
-    w_term: float
-    control_init: str
-    grad_clip: float
-    grad_norm: str
-    fiber_tol: float
-    adam_eps: float
-
-
-def optimise_control(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t, g: float, h: torch.Tensor,
-                     rate: float, i: int, ctrl: Control) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ctrl.inner_steps`` Adam steps on the control ``u`` ``[M,C,H,W]`` at time ``t`` towards target ``h``.
-
-    Returns the new control (detached; non-finite rows zeroed) and the last inner step's fiber loss ``[M]``.
-    """
-    eps_base = None
-    if ctrl.w_score:
-        with torch.no_grad():
-            _, eps_base = problem.denoise(x, t)
-    u = torch.zeros_like(x) if ctrl.control_init == "zero" else u.detach()
-    u[~problem.live()] = 0
-    problem.scale_exp.zero_()  # a new control problem: every sample starts at the full lr again
-    last_ok = torch.zeros_like(x)  # per sample: the last control whose cost and gradient were finite
-    opt = RowAdam(u, [rate * sc for sc in problem.step_scales()], eps=ctrl.adam_eps)
-    u.requires_grad_(True)
-    for _ in range(ctrl.inner_steps):
-        assert torch.is_grad_enabled(), "guided step needs autograd (a pipeline may have disabled it)"
-        x0, eps = problem.denoise(x + g * u, t)
-        loss = problem.loss(x0, h)
-        cost = ctrl.w_term * loss
-        if ctrl.w_ctrl:
-            cost = cost + ctrl.w_ctrl * (g * u).flatten(1).pow(2).sum(1)
-        if eps_base is not None:
-            cost = cost + ctrl.w_score * (eps_base - eps).flatten(1).pow(2).sum(1)
-        cost.sum().backward()
-        grad, u.grad = u.grad, None
-        with torch.no_grad():
-            ok = guard(problem, i, cost, grad, u, last_ok, opt, rate)
-            last_ok[ok] = u[ok]
-            norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
-            scale = ctrl.grad_clip / norms
-            if ctrl.grad_norm == "clip":
-                scale = scale.clamp(max=1.0)
-            if ctrl.fiber_tol > 0:  # already on the fiber: no push (unit norm would push at full size)
-                scale[loss.detach() <= ctrl.fiber_tol] = 0.0
-            grad.mul_(scale.view(-1, *[1] * (grad.ndim - 1)))
-        opt.step(grad, ok)
-    u = u.detach()
-    u[~finite_rows(u)] = 0
-    return u, loss
-
-
 @torch.no_grad()
-def controlled_step(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, g: float, t, s, eta: float,
-                    i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prior's step from ``t`` to ``s`` out of the controlled state ``x + g u``: ``(x_s, x0_hat)``.
-
-    A sample whose next state is non-finite is booked and redoes the step unguided (its control is zeroed).
-    """
-    xc = x + g * u if g > 0 else x
-    x0, eps = problem.denoise(xc, t)
-    x_new = problem.prior.step(xc, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
-    bad = ~finite_rows(x_new)
-    if bad.any():  # fall back to the unguided step for those samples
-        problem.fault(bad, "state", i, halve=False)  # the next step's control starts afresh anyway
-        x0u, epsu = problem.denoise(x[bad], t)
-        x0[bad] = x0u
-        x_new[bad] = problem.prior.step(x[bad], x0u, epsu, t, s, 0.0)
-        u[bad] = 0
-    return x_new, x0
+def on_fiber_loss(problem: FiberProblem, x0: torch.Tensor) -> torch.Tensor:
+    """The fiber loss ``[M]`` of x0_hat against the fixed targets (inf where non-finite): what ``skip_tol``
+    compares."""
+    loss = problem.loss(x0, problem.target)
+    return torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("inf")))

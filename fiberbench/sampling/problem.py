@@ -77,6 +77,41 @@ class NoiseSource:
         return torch.stack([torch.rand(shape, generator=g) for g in self.gens]).to(self.device, self.dtype)
 
 
+class RowNoise:
+    """The noise of some rows of a problem: every draw is taken from *all* of ``base``'s generators (so each
+    sample's stream advances as in a full batch) and then restricted to the rows ``idx``."""
+
+    def __init__(self, base: Any, idx: torch.Tensor):
+        self.base, self.idx = base, idx
+        self.shape = base.shape
+
+    def draw(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        return self.base.draw(shape)[self.idx.to(self.base.device)]
+
+    def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.base.uniform(shape)[self.idx.to(self.base.device)]
+
+    @property
+    def device(self):
+        return self.base.device
+
+
+class ParticleNoise:
+    """``k`` particles per sample: a draw is ``[M*k, *shape]``, rows ``i*k .. i*k+k-1`` from sample i's generator
+    (so a sample's particles are the same alone or in any batch)."""
+
+    def __init__(self, base: NoiseSource, k: int):
+        self.base, self.k = base, int(k)
+        self.shape, self.device = base.shape, base.device
+
+    def draw(self, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        shape = tuple(shape or self.shape)
+        return self.base.draw((self.k,) + shape).reshape(-1, *shape)
+
+    def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.base.uniform((self.k,) + tuple(shape)).reshape(-1, *shape)
+
+
 # The stages of a profiled run, in the order a guided inner step goes through them (see StageTimer).
 STAGES = ("prior_forward", "decode_forward", "extractor_forward", "extractor_backward", "decode_backward",
           "prior_backward", "optimiser", "other")
@@ -187,6 +222,9 @@ class TimedExtractor:
 
 
 
+BOOKKEEPING = ("halvings", "scale_exp", "streak", "gave_up", "updates")  # [M] tensors beside faults and events
+
+
 @dataclass
 class FiberProblem:
     """What a sampler needs: the prior, the fiber loss, targets and per-sample noise, plus bookkeeping."""
@@ -212,6 +250,7 @@ class FiberProblem:
     gave_up: torch.Tensor | None = None  # step/iteration at which guidance was given up, -1 while guided
     updates: torch.Tensor | None = None  # guided updates taken with a finite loss and gradient
     timer: StageTimer | None = None  # profiling only (see attach)
+    sdedit: bool = False  # starts from the references noised to the schedule's first time (see fresh_start)
 
     def __post_init__(self):
         m = self.target.shape[0]
@@ -223,6 +262,46 @@ class FiberProblem:
         self.streak = torch.zeros(m, dtype=torch.long)
         self.gave_up = torch.full((m,), -1, dtype=torch.long)
         self.updates = torch.zeros(m, dtype=torch.long)
+
+    def fresh_start(self, sched) -> torch.Tensor:
+        """A starting state for every row from its noise: pure noise at the schedule's top time, or (SDEdit)
+        the row's reference noised to the schedule's first time."""
+        if self.sdedit:
+            return self.prior.add_noise(self.ref_latent[self.ref_rows], sched.times[0], self.noise.draw())
+        return self.noise.draw() * sched.sigmas[0]  # alpha ~ 0 at the top time: pure noise
+
+    def rows(self, idx: torch.Tensor, noise: Any = None) -> FiberProblem:
+        """The problem of the rows ``idx`` ``[P]`` (int64; repeats allowed) of this one: targets, reference rows and
+        fault bookkeeping copied, its own call counts (see :meth:`merge`), ``noise`` or this problem's noise
+        drawn in full and restricted to ``idx`` (:class:`RowNoise`)."""
+        dev = self.target.device
+        sub = FiberProblem(prior=self.prior, extractor=self.extractor, target=self.target[idx.to(dev)],
+                           metric=self.metric, noise=noise if noise is not None else RowNoise(self.noise, idx),
+                           ref_latent=self.ref_latent, ref_noise=self.ref_noise,
+                           ref_rows=None if self.ref_rows is None else self.ref_rows[idx.to(dev)],
+                           autocast=self.autocast, faults=self.faults[idx.cpu()].clone(), sdedit=self.sdedit)
+        sub.timer = self.timer  # the extractor is already wrapped when profiling
+        for name in BOOKKEEPING:
+            setattr(sub, name, getattr(self, name)[idx.cpu()].clone())
+        sub.events = {k: v[idx.cpu()].clone() for k, v in self.events.items()}
+        return sub
+
+    def merge(self, sub: FiberProblem, idx: torch.Tensor | None = None) -> None:
+        """Take back the work of ``sub``: its network calls, counted per row of this problem (a call on P rows
+        costs ``P / M`` evaluations per sample here), and, for ``idx`` ``[P]``, its fault bookkeeping into those
+        rows (``None``: calls only)."""
+        m, p = self.target.shape[0], sub.target.shape[0]
+        for k in self.calls:
+            self.calls[k] += sub.calls[k] * p / m
+            sub.calls[k] = 0
+        if idx is None:
+            return
+        ic = idx.cpu()
+        self.faults[ic] = sub.faults
+        for name in BOOKKEEPING:
+            getattr(self, name)[ic] = getattr(sub, name)
+        for k in self.events:
+            self.events[k][ic] = sub.events[k]
 
     def live(self) -> torch.Tensor:
         """``[M]`` bool (on the targets' device): samples still guided (not given up)."""

@@ -384,11 +384,10 @@ def start_problem(run: Run, rows: list[int], return_trajectory: bool) -> tuple[F
         problem.ref_noise = ref_gens.draw()
     if req.t_star is not None:
         sched = prior.schedule(req.steps, t_start=prior.time_at_tau(req.t_star))
-        x = prior.add_noise(problem.ref_latent[problem.ref_rows], sched.times[0], noise.draw())
+        problem.sdedit = True
     else:
         sched = prior.schedule(req.steps, shift=req.hp.get("grid_shift") or None)  # grid_shift: unguided only
-        x = noise.draw() * sched.sigmas[0]  # alpha ~ 0 at the top time: pure noise
-    return problem, x, sched
+    return problem, problem.fresh_start(sched), sched
 
 
 def finish(run: Run, out: Outputs, return_trajectory: bool) -> FiberResult:
@@ -413,8 +412,8 @@ def finish(run: Run, out: Outputs, return_trajectory: bool) -> FiberResult:
     run.config.update(
         seconds=out.seconds, seconds_per_sample=out.seconds / run.total, batch_size_used=out.batch_size,
         final_batch_size_used=final_bs, oom_splits=run.oom["splits"], lr_halvings=int(out.halvings.sum()),
-        samples_given_up=int((out.gave_up >= 0).sum()), denoiser_evals_per_sample=out.calls["denoiser"],
-        extractor_evals_per_sample=out.calls["extractor"])
+        samples_given_up=int((out.gave_up >= 0).sum()), denoiser_evals_per_sample=round(out.calls["denoiser"], 3),
+        extractor_evals_per_sample=round(out.calls["extractor"], 3))
     if run.timer is not None:  # after run_id: profiling does not change what a run is
         run.config["profile"] = run.timer.summary(out.seconds)
     hist = torch.stack(out.histories, dim=1) if all(h is not None for h in out.histories) else None

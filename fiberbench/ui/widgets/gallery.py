@@ -398,7 +398,9 @@ class FiberGallery(W.VBox):
         self._step_calls += 1
         self.progress.value = min(self._step_calls, self.progress.max)
         loss = info.get("loss")
-        y = float(loss.float().mean()) if loss is not None else float("nan")
+        finite = loss.float()[torch.isfinite(loss.float())] if loss is not None else None
+        # samples that skipped the step (already on the fiber) have no loss: the mean of the others
+        y = float(finite.mean()) if finite is not None and finite.numel() else float("nan")
         fig = self.loss_figure
         with fig.batch_update():
             fig.data[0].x = tuple(fig.data[0].x or ()) + (self._step_calls,)
