@@ -104,9 +104,13 @@ def _counts(prior, method: str, preset: str, steps: int | None = None, **hp) -> 
 
 
 def test_call_counts_of_the_toy_and_imagenet_presets(prior_fm):
-    """The arithmetic the floor rests on: toy preset (20 steps, 15 of them guided, 4 inner steps), and the fiber
-    paper's ImageNet preset at 50 steps (28 guided, 5 inner steps, plus h_t of the reference per guided step)."""
-    ndtm = _counts(prior_fm, "ndtm", "toy")
+    """The arithmetic the floor rests on: toy-fast preset (20 steps, 15 of them guided, 4 inner steps), and the
+    fiber paper's ImageNet preset at 50 steps (28 guided, 5 inner steps, plus h_t of the reference per guided
+    step). The default toy preset's particles and skipping make its calls data-dependent: no fixed floor."""
+    assert _counts(prior_fm, "ndtm", "toy") is None
+    assert _counts(prior_fm, "ndtm", "toy-fast", particles=6) is None
+    assert _counts(prior_fm, "ndtm", "toy-fast", skip_tol=0.01) is None
+    ndtm = _counts(prior_fm, "ndtm", "toy-fast")
     assert ndtm["guided_steps"] == 15 and ndtm["prior_forward_backward"] == ndtm["features_forward_backward"] == 60
     assert ndtm["prior_forward"] == 20 and ndtm["reference_prior_forward"] == 0
     assert expected_evals(ndtm) == {"denoiser": 80, "extractor": 60}
@@ -117,13 +121,13 @@ def test_call_counts_of_the_toy_and_imagenet_presets(prior_fm):
     assert imagenet["guided_steps"] == 28 and imagenet["reference_features_forward"] == 28
     assert expected_evals(imagenet) == {"denoiser": 50 + 28 * 5 + 28, "extractor": 28 * 5 + 28}
     # time travel: the 10 guided steps at tau >= 500 run 3 times (each with its inner steps)
-    recur = _counts(prior_fm, "ndtm", "toy", recurrence=3, recurrence_tau=500.0)
+    recur = _counts(prior_fm, "ndtm", "toy-fast", recurrence=3, recurrence_tau=500.0)
     assert recur["prior_forward"] == 20 + 10 * 2 and recur["prior_forward_backward"] == (15 + 10 * 2) * 4
     units = {u: 10.0 ** k for k, u in enumerate(UNITS)}  # 1, 10, 100, ...: each term shows in its own digit
     assert floor_seconds(ndtm, units, batch=8) == (20 * 1 + 60 * 10 + 60 * 100) / 8
 
 
-RUNS = [("ndtm", "toy", 4, {}), ("ndtm", "fiber-imagenet", 6, {}), ("ndtm", "toy", 4, {"recurrence": 2}),
+RUNS = [("ndtm", "toy-fast", 4, {}), ("ndtm", "fiber-imagenet", 6, {}), ("ndtm", "toy-fast", 4, {"recurrence": 2}),
         ("dps", "toy", 4, {}), ("unguided", "toy", 3, {}), ("metamer", "toy", None, {"iters": 5})]
 
 
@@ -150,6 +154,24 @@ def test_profile_gives_bit_identical_samples_and_counts_every_call(prior_fm, sha
     guided_prior = 2 * counts["prior_forward_backward"]
     assert p["entries"]["decode_backward"] == p["entries"]["prior_backward"] == guided_prior
     assert all((p["seconds"][s] > 0) == (p["entries"][s] > 0) for s in STAGES if s != "other")
+
+
+def test_profile_of_the_particle_preset_is_bit_identical_and_counts_the_particles(prior_fm, shape_resnet):
+    """The default toy preset (6 particles, skipping): profiling changes no bit, the counted evaluations are the
+    plain run's, and more than one particle's worth of prior calls entered the profile (the draw runs K rows);
+    measure_run gives it no floor and no ratio, only its counts."""
+    refs, _ = references(1, seed=3)
+    kw = dict(n=2, method="ndtm", preset="toy", steps=8, batch_size=2, progress=False)
+    plain = fb.sample_fiber(prior_fm, shape_resnet, refs, **kw)
+    prof = fb.sample_fiber(prior_fm, shape_resnet, refs, profile=True, **kw)
+    assert torch.equal(plain.images, prof.images)
+    for k in ("denoiser_evals_per_sample", "extractor_evals_per_sample"):
+        assert plain.config[k] == prof.config[k] > 0
+    fast = fb.sample_fiber(prior_fm, shape_resnet, refs, **{**kw, "preset": "toy-fast"})
+    assert plain.config["denoiser_evals_per_sample"] != fast.config["denoiser_evals_per_sample"]
+    row = measure_run(prior_fm, shape_resnet, refs, method="ndtm", preset="toy", steps=8, batch=2, reps=1)
+    assert row["floor_seconds_per_sample"] is None and row["ratio_to_floor"] is None and row["expected_evals"] is None
+    assert row["denoiser_evals_per_sample"] == plain.config["denoiser_evals_per_sample"]
 
 
 def test_profile_split_sums_to_the_wall_time(prior_fm, shape_resnet):

@@ -506,13 +506,13 @@ def _unguided(kw: dict) -> dict:
 def test_nan_injection_retries_at_half_the_lr_gives_up_after_four_halvings_and_the_rest_finish(prior_fm,
                                                                                                shape_resnet):
     ref, _ = fb.toy.references(1, seed=21)
-    kw = dict(n=6, method="ndtm", preset="toy", steps=6, seed=3, progress=False, gamma=GAMMA_ONE_UNGUIDED_STEP)
+    kw = dict(n=6, method="ndtm", preset="toy-fast", steps=6, seed=3, progress=False, gamma=GAMMA_ONE_UNGUIDED_STEP)
     clean = sample_fiber(prior_fm, shape_resnet, ref, **kw)
     plain = sample_fiber(prior_fm, shape_resnet, ref, **_unguided(kw))
     bad = Faulty(shape_resnet, nan_rows=[1, 3], grad_rows=[2], transient_rows=[0], transient_calls=2)
     res = sample_fiber(prior_fm, bad, ref, **kw)
     guided_calls = bad.grad_calls  # inner steps x guided denoising steps
-    assert guided_calls == 20  # preset toy: 4 inner steps on the 5 guided steps (gamma 0 at tau 1000)
+    assert guided_calls == 20  # preset toy-fast: 4 inner steps on the 5 guided steps (gamma 0 at tau 1000)
     st_ = res.status
     # permanent faults: 4 retries at 1/2, 1/4, 1/8, 1/16 of the lr inside step 2; the 5th fault in a row (first
     # inner step of step 3) gives the sample up, it finishes unguided and is marked failed
@@ -553,7 +553,7 @@ def test_faults_spread_over_the_run_are_retried_each_time_and_never_add_up_to_a_
     """One NaN per guided step, a finite evaluation after each: the lr is halved six times in all, but a
     sample is only given up after five faults *in a row*; each denoising step starts at the full lr again."""
     ref, _ = fb.toy.references(1, seed=27)
-    kw = dict(n=3, method="ndtm", preset="toy", steps=7, seed=1, progress=False, gamma=GAMMA_ONE_UNGUIDED_STEP)
+    kw = dict(n=3, method="ndtm", preset="toy-fast", steps=7, seed=1, progress=False, gamma=GAMMA_ONE_UNGUIDED_STEP)
     clean = sample_fiber(prior_fm, shape_resnet, ref, **kw)
 
     class FirstCallOfEveryStep(Faulty):
@@ -609,7 +609,7 @@ def test_dps_and_metamer_retry_faulty_samples_at_a_smaller_step_and_leave_the_re
 def test_non_finite_state_falls_back_to_the_unguided_step_for_that_sample(prior_fm, shape_resnet, monkeypatch):
     """The prior blows up (NaN x0) for one sample in one step: that step is redone unguided for it alone."""
     ref, _ = fb.toy.references(1, seed=22)
-    kw = dict(n=3, method="ndtm", preset="toy", steps=4, seed=5, progress=False)
+    kw = dict(n=3, method="ndtm", preset="toy-fast", steps=4, seed=5, progress=False)
     clean = sample_fiber(prior_fm, shape_resnet, ref, **kw)
     real = type(prior_fm).denoise
     calls = {"n": 0}
@@ -636,7 +636,7 @@ def test_non_finite_state_falls_back_to_the_unguided_step_for_that_sample(prior_
 
 def test_simulated_oom_in_the_extractor_splits_and_other_errors_are_not_retried(prior_fm, shape_resnet, monkeypatch):
     ref, _ = fb.toy.references(1, seed=23)
-    kw = dict(n=4, method="ndtm", preset="toy", steps=3, seed=0, progress=False, batch_size=4)
+    kw = dict(n=4, method="ndtm", preset="toy-fast", steps=3, seed=0, progress=False, batch_size=4)
     # what asking for batch_size=2 in the first place gives: the retry must reproduce it bit for bit (no sample
     # lost, repeated or drawn from generators the failed attempt had advanced). Equality with batch_size=4
     # is batch-size invariance of the sampler itself (test_sampling), which holds only to round-off.
@@ -673,12 +673,37 @@ def test_simulated_oom_in_the_extractor_splits_and_other_errors_are_not_retried(
     assert Broken.calls == 1  # raised at once, not retried at smaller batch sizes
 
 
+def test_simulated_oom_in_the_particle_draw_splits_the_batch_and_reproduces_the_smaller_one(prior_fm, shape_resnet):
+    """The default toy preset draws 6 particles per sample: a batch of 4 runs 24 rows through the extractor. An
+    OOM above 12 rows halves the batch once, and the result is that of batch_size=2 bit for bit."""
+    ref, _ = fb.toy.references(1, seed=23)
+    kw = dict(n=4, method="ndtm", preset="toy", steps=8, seed=0, progress=False, batch_size=4)
+    k = 6  # the toy preset's particles
+    expected = sample_fiber(prior_fm, shape_resnet, ref, **{**kw, "batch_size": 2})
+    seen = []
+
+    class OOMAbove2K(torch.nn.Module):
+        spec = "test/oom-particles"
+
+        def forward(self, images):
+            seen.append(images.shape[0])
+            if images.shape[0] > 2 * k and torch.is_grad_enabled():
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (simulated)")
+            return shape_resnet(images)
+
+    got = sample_fiber(prior_fm, OOMAbove2K(), ref, **kw)
+    assert got.config["oom_splits"] == 1 and got.config["batch_size_used"] == 2
+    assert torch.equal(got.images, expected.images) and got.status == ["ok"] * 4
+    last = max(i for i, rows in enumerate(seen) if rows == 4 * k)  # the failed draw (no-grad passes precede it)
+    assert seen[:2] == [1, 4 * k] and max(seen[last + 1:]) == 2 * k, seen  # then halves: 2 samples x 6 particles
+
+
 def test_simulated_oom_in_the_final_decode_and_feature_pass_splits_and_keeps_every_sample(prior_fm, shape_resnet,
                                                                                          monkeypatch):
     """After sampling, the decode and the final features run under no_grad in chunks; an OOM there halves the
     chunk (down to 1) instead of throwing away the finished samples. So do the reference features."""
     ref, _ = fb.toy.references(1, seed=23)
-    kw = dict(n=4, method="ndtm", preset="toy", steps=3, seed=0, progress=False, batch_size=4)
+    kw = dict(n=4, method="ndtm", preset="toy-fast", steps=3, seed=0, progress=False, batch_size=4)
     plain = sample_fiber(prior_fm, shape_resnet, ref, **kw)
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (simulated)")
     seen = []
@@ -1172,7 +1197,7 @@ class _Argmax(torch.nn.Module):
 
 
 def test_features_must_have_one_row_per_image(prior_fm, shape_resnet):
-    kw = dict(n=3, steps=2, preset="toy", progress=False)
+    kw = dict(n=3, steps=2, preset="toy-fast", progress=False)
     ref = torch.rand(3, 32, 32)
     with pytest.raises(ConfigError, match=r"test/one-row returned features of shape \(1, \d+\) for 3 images"):
         sample_fiber(prior_fm, _OneRow(shape_resnet), ref, **kw)

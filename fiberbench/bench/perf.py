@@ -38,10 +38,14 @@ from ..toy import references
 from ..version import __version__
 
 PERF_PRIOR, PERF_EXTRACTOR = "toy/prior-fm", "toy/shape-resnet@logits"
-# (label, preset, steps): the toy preset at its own 20 steps; the fiber paper's ImageNet settings (gamma schedule,
-# lr, 5 inner steps, time-dependent target, eta 1) at 50 of its 200 steps, which a CPU affords
-PRESET_RUNS = (("toy", "toy", None), ("fiber-imagenet@50steps", "fiber-imagenet", 50))
-QUICK_PRESET_RUNS = (("toy@10steps", "toy", 10), ("fiber-imagenet@10steps", "fiber-imagenet", 10))
+# (label, preset, steps): the toy preset at its own 20 steps; its single-particle, fixed-schedule variant toy-fast
+# (NDTM only: the other methods ignore particles), which has an arithmetic floor; the fiber paper's ImageNet
+# settings (gamma schedule, lr, 5 inner steps, time-dependent target, eta 1) at 50 of its 200 steps, which a CPU
+# affords
+PRESET_RUNS = (("toy", "toy", None), ("toy-fast", "toy-fast", None), ("fiber-imagenet@50steps", "fiber-imagenet", 50))
+QUICK_PRESET_RUNS = (("toy@10steps", "toy", 10), ("toy-fast@10steps", "toy-fast", 10),
+                     ("fiber-imagenet@10steps", "fiber-imagenet", 10))
+NDTM_ONLY = ("toy-fast",)
 METHODS = ("ndtm", "dps", "unguided", "metamer")
 # unit operations of the floor; the reference_* ones run on the references' batch (target="time": h_t per step)
 UNITS = ("prior_forward", "prior_forward_backward", "features_forward_backward", "extractor_forward_backward",
@@ -67,8 +71,8 @@ def bench_perf(quick: bool = False, methods: tuple[str, ...] = METHODS, batch: i
     runs = []
     for k, (label, preset, steps) in enumerate(QUICK_PRESET_RUNS if quick else PRESET_RUNS):
         for method in methods:
-            if method == "metamer" and k:  # no steps, no gamma: every preset gives the same run
-                continue
+            if (method == "metamer" and k) or (method != "ndtm" and preset in NDTM_ONLY):
+                continue  # metamer has no steps, no gamma: every preset gives the same run
             runs.append(measure_run(prior, extractor, refs, method=method, preset=preset, steps=steps,
                                     batch=batch, reps=reps, label=label,
                                     **({"iters": 50} if quick and method == "metamer" else {})))
@@ -109,7 +113,7 @@ def measure_run(prior, extractor, reference: torch.Tensor, *, method: str, prese
     steps = steps or run_settings.get("steps", 50)
     loss = run_settings.get("loss", "cosine")
     counts = call_counts(method, settings, prior.schedule(steps).taus.tolist(), steps)
-    needed = [u for u in UNITS if counts is None or counts[u] > 0]
+    needed = [u for u in UNITS if counts is not None and counts[u] > 0]
     ops = unit_ops(prior, extractor, ref, batch=batch, dtype=dtype, metric=loss, steps=steps)
     times = unit_seconds({u: ops[u] for u in needed}, reps, device=ops["device"], warmup=1)
     memory = PeakMemory(ops["device"], at_step=min(MEMORY_STEP, steps // 2))  # short (quick) runs: half-way
@@ -164,8 +168,12 @@ def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) 
     recurrence repeats it) makes ``inner_steps`` prior and feature forward+backward passes, every step one prior
     forward (plus one for ``w_score``); DPS: a guided step is one prior and feature forward+backward, the others
     one prior forward; a time-dependent target costs one reference prior and feature forward per guided step;
-    unguided: one prior forward per step; metamer: one extractor forward+backward per iteration.
+    unguided: one prior forward per step; metamer: one extractor forward+backward per iteration. ``None`` too for
+    an adaptive NDTM run (``particles > 1``, ``skip_tol`` or ``early_draw_tol``): which rows it guides depends on
+    the data, so it has no fixed floor; its row reports the evaluations it counted.
     """
+    if method == "ndtm" and adaptive(hp):
+        return None
     counts = dict.fromkeys(UNITS, 0)
     if method == "metamer":
         counts["extractor_forward_backward"] = int(hp["iters"])
@@ -194,6 +202,11 @@ def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) 
     if hp["target"] == "time":
         counts["reference_prior_forward"] = counts["reference_features_forward"] = guided
     return {**counts, "guided_steps": guided}
+
+
+def adaptive(hp: dict[str, Any]) -> bool:
+    """Whether NDTM hyper-parameters ``hp`` make the network calls data-dependent (particles, skipping)."""
+    return int(hp.get("particles", 1)) > 1 or bool(hp.get("skip_tol")) or bool(hp.get("early_draw_tol"))
 
 
 def expected_evals(counts: dict[str, int]) -> dict[str, int]:
