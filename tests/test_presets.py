@@ -85,3 +85,22 @@ def test_lowering_a_presets_steps_is_flagged_with_its_numbers(tiny, preset):
     assert info["inner_steps_needed"] >= 4 * PRESETS[preset]["inner_steps"] - 1
     with pytest.raises(ConfigError, match="raise inner_steps"):
         M.check_preset_steps(preset, steps, prior, strict=True)
+
+
+def test_sample_fiber_warns_at_the_callers_line_when_steps_cut_the_presets_guidance(prior_fm, shape_resnet):
+    """sample_fiber with fewer steps than its preset's: a PresetStepsWarning naming the user's own file; none at
+    the preset's own count, none when inner_steps makes up the lost guided updates, none without explicit steps
+    (fiber-imagenet's own 200 steps, unguided here to keep it cheap)."""
+    refs = torch.rand(1, 3, 32, 32)
+    kw = dict(n=1, method="ndtm", preset="toy-fast", progress=False)
+    with pytest.warns(M.PresetStepsWarning, match="tuned for 20 steps") as caught:
+        fb.sample_fiber(prior_fm, shape_resnet, refs, steps=4, **kw)
+    assert [w.filename for w in caught if w.category is M.PresetStepsWarning] == [__file__]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", M.PresetStepsWarning)
+        fb.sample_fiber(prior_fm, shape_resnet, refs, steps=20, **{**kw, "method": "unguided"})
+        fb.sample_fiber(prior_fm, shape_resnet, refs, **{**kw, "preset": "fiber-imagenet", "method": "unguided"})
+        budget = M.guidance_budget(PRESETS["toy-fast"]["gamma"], 20, prior_fm)["guided_steps"]
+        few = M.guidance_budget(PRESETS["toy-fast"]["gamma"], 10, prior_fm)["guided_steps"]
+        inner = -(-PRESETS["toy-fast"]["inner_steps"] * budget // few)  # ceil: as many control updates as at 20
+        fb.sample_fiber(prior_fm, shape_resnet, refs, steps=10, inner_steps=inner, **kw)

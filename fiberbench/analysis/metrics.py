@@ -10,7 +10,6 @@ frames (one row per sample, reference or pair), so the same code scores the toy 
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from ..errors import ConfigError, InputError
 from ..io import load_image
 from ..models import load_clip, load_extractor
 from ..plots import heatmap
-from ..sampling import PRESETS, gamma_at
+from ..sampling.hyperparams import PresetStepsWarning, check_preset_steps, guidance_budget
 from ..sampling.result import FIBER_LOSS_COLUMNS, fiber_losses, is_logits
 from ..toy import DISCRETE, load_oracle
 
@@ -62,64 +61,6 @@ def loss_frame(features: torch.Tensor, reference_features: torch.Tensor, n: int 
     df.insert(0, "sample", np.tile(np.arange(n), reference_features.shape[0]))
     df.insert(0, "reference", np.repeat(np.arange(reference_features.shape[0]), n))
     return df
-
-
-# --------------------------------------------------------------------------- the guidance budget of a preset
-
-class PresetStepsWarning(UserWarning):
-    """A preset runs with fewer steps than it was tuned for, so with fewer guidance updates."""
-
-
-def guidance_budget(gamma: Any, steps: int, prior=None) -> dict[str, float]:
-    """How much guidance a gamma schedule gives over ``steps`` denoising steps.
-
-    Gamma is a function of diffusion time, so the number of guided updates grows with the step count. Counted
-    on the prior's own time grid (``prior.schedule(steps).taus``) when a prior is given, else on a uniform grid
-    from tau 1000 down to 0. Returns ``{"steps", "guided_steps" (steps with gamma > 0), "gamma_sum" (sum of
-    gamma over the steps: the accumulated control scale)}``.
-    """
-    if prior is not None:
-        taus = [float(t) for t in prior.schedule(int(steps)).taus[:-1]]
-    else:
-        taus = [1000.0 * (1 - i / steps) for i in range(int(steps))]
-    gammas = [gamma_at(gamma, t) for t in taus]
-    return {"steps": int(steps), "guided_steps": int(sum(g > 0 for g in gammas)), "gamma_sum": float(sum(gammas))}
-
-
-def check_preset_steps(preset: str | None, steps: int | None, prior=None, *, strict: bool = False,
-                       inner_steps: int | None = None) -> dict[str, Any] | None:
-    """Warn (:class:`PresetStepsWarning`), or with ``strict`` raise ``ConfigError``, when ``steps`` gives the
-    preset's gamma schedule fewer guided updates than the preset's own step count does.
-
-    Returns ``None`` for no preset / no ``steps`` override, else ``{"preset", "steps", "preset_steps",
-    "guided_steps", "preset_guided_steps", "gamma_sum", "preset_gamma_sum", "inner_steps_needed", "short"}``;
-    ``inner_steps_needed`` is the preset's ``inner_steps`` scaled by the lost guided steps (what keeps the
-    number of control updates, the README's advice). ``inner_steps`` (the caller's override) counts too: a
-    run that lowers steps but raises inner_steps enough is not short.
-    """
-    if preset is None or preset == "none" or steps is None or preset not in PRESETS:
-        return None
-    p = PRESETS[preset]
-    if "gamma" not in p or "steps" not in p:
-        return None
-    have, want = guidance_budget(p["gamma"], steps, prior), guidance_budget(p["gamma"], p["steps"], prior)
-    base_inner = int(p.get("inner_steps", 1))
-    inner = int(inner_steps) if inner_steps is not None else base_inner
-    needed = math.ceil(base_inner * want["guided_steps"] / max(have["guided_steps"], 1))
-    short = have["guided_steps"] * inner < want["guided_steps"] * base_inner
-    out = {"preset": preset, "steps": int(steps), "preset_steps": int(p["steps"]),
-           "guided_steps": have["guided_steps"], "preset_guided_steps": want["guided_steps"],
-           "gamma_sum": have["gamma_sum"], "preset_gamma_sum": want["gamma_sum"], "inner_steps_needed": needed,
-           "short": short}
-    if short:
-        msg = (f"preset {preset!r} is tuned for {p['steps']} steps: {want['guided_steps']} guided updates "
-               f"(x {base_inner} inner steps, accumulated gamma {want['gamma_sum']:.0f}); steps={steps} gives "
-               f"{have['guided_steps']} guided updates (x {inner}, accumulated gamma {have['gamma_sum']:.0f}). "
-               f"Keep steps={p['steps']}, or raise inner_steps to {needed}")
-        if strict:
-            raise ConfigError(msg)
-        warnings.warn(msg, PresetStepsWarning, stacklevel=2)
-    return out
 
 
 # --------------------------------------------------------------------------- feature spaces

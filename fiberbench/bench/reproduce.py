@@ -27,6 +27,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +44,7 @@ from ..analysis.metrics import (
     SMALL_N_CAVEAT,
     FeatureSpace,
     Neighbours,
+    PresetStepsWarning,
     check_preset_steps,
     colour_shift,
     data_scale,
@@ -131,17 +133,19 @@ def draw_fibers(prior, extractors: Mapping[str, Any], refs: torch.Tensor, ids: l
     """``{(extractor, method, seed): FiberResult}``: the guided fibers of every extractor for every seed, and
     (``baseline``) the prior's own samples once per seed (unguided images do not depend on the extractor)."""
     out = {}
-    for s in seeds:
-        for spec, ex in extractors.items():
-            out[(spec, method, s)] = sample_fiber(prior, ex, refs, n=n, method=method, preset=preset, steps=steps,
-                                                  seed=s, batch_size=batch_size, progress=progress,
-                                                  reference_ids=ids)
-        if baseline:
-            first = next(iter(extractors.values()))
-            res = sample_fiber(prior, first, refs, n=n, method="unguided", seed=s, batch_size=batch_size,
-                               progress=progress, reference_ids=ids)
-            for spec in extractors:
-                out[(spec, "unguided", s)] = res
+    with warnings.catch_warnings():  # reproduce() has warned about a short step count once already
+        warnings.simplefilter("ignore", PresetStepsWarning)
+        for s in seeds:
+            for spec, ex in extractors.items():
+                out[(spec, method, s)] = sample_fiber(prior, ex, refs, n=n, method=method, preset=preset,
+                                                      steps=steps, seed=s, batch_size=batch_size,
+                                                      progress=progress, reference_ids=ids)
+            if baseline:
+                first = next(iter(extractors.values()))
+                res = sample_fiber(prior, first, refs, n=n, method="unguided", seed=s, batch_size=batch_size,
+                                   progress=progress, reference_ids=ids)
+                for spec in extractors:
+                    out[(spec, "unguided", s)] = res
     return out
 
 

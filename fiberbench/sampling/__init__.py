@@ -24,7 +24,16 @@ from . import ndtm, dps, metamer, unguided  # noqa: F401
 from .base import HP_RULES, SAMPLERS, Sampler, get_sampler, register_sampler
 from .batching import is_oom, map_chunks, run_in_chunks
 from .dps import DPS_DEFAULTS, sample_dps
-from .hyperparams import NO_PRESET, PRESETS, check_hyperparameter, resolve_hyperparameters, resolve_settings
+from .hyperparams import (
+    NO_PRESET,
+    PRESETS,
+    PresetStepsWarning,
+    check_hyperparameter,
+    check_preset_steps,
+    guidance_budget,
+    resolve_hyperparameters,
+    resolve_settings,
+)
 from .metamer import METAMER_DEFAULTS, sample_metamer
 from .ndtm import NDTM_DEFAULTS, sample_ndtm
 from .optim import RowAdam
@@ -55,6 +64,7 @@ DEFAULTS: Mapping[str, dict[str, Any]] = _Defaults()
 __all__ = ["check_hyperparameter", "DEFAULTS", "DPS_DEFAULTS", "fiber_distance", "FiberProblem",
            "FiberResult", "finite_rows", "gamma_at", "get_sampler", "HP_RULES", "is_oom", "LOSSES",
            "map_chunks", "MAX_HALVINGS", "METAMER_DEFAULTS", "METHODS", "NDTM_DEFAULTS", "NO_PRESET",
-           "NoiseSource", "PRESETS", "register_sampler", "resolve_hyperparameters", "resolve_settings",
+           "NoiseSource", "PRESETS", "PresetStepsWarning", "check_preset_steps", "guidance_budget",
+           "register_sampler", "resolve_hyperparameters", "resolve_settings",
            "RowAdam", "run_id", "run_in_chunks", "run_versions", "sample_dps", "sample_fiber",
            "sample_metamer", "sample_ndtm", "sample_unguided", "Sampler", "SAMPLERS", "UNGUIDED_DEFAULTS"]

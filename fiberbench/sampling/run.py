@@ -23,7 +23,7 @@ from ..models.registry import check_available
 from ..seeds import sample_seed
 from .base import Sampler, get_sampler
 from .batching import map_chunks, run_in_chunks
-from .hyperparams import resolve_settings
+from .hyperparams import check_preset_steps, resolve_settings
 from .problem import LOSSES, FiberProblem, NoiseSource, StageTimer, checked_features, fiber_distance, finite_rows
 from .result import FiberResult, fault_history, run_id, run_versions, sample_status
 
@@ -123,6 +123,10 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
     batch_size = check_int("batch_size", batch_size)
     sampler = get_sampler(method)
     hp, run, provenance = resolve_settings(method, preset, hyperparameters, prior)
+    if steps is not None:  # fewer steps than the preset's: fewer guided updates, unless inner_steps makes up
+        check_int("steps", steps, 1, MAX_STEPS)
+        check_preset_steps(provenance["preset"], steps, None if isinstance(prior, str) else prior,
+                           inner_steps=hyperparameters.get("inner_steps"), stacklevel=4)
     steps = check_int("steps", steps if steps is not None else run.get("steps", 50), 1, MAX_STEPS)
     loss = loss or run.get("loss", "cosine")
     if loss not in LOSSES:
