@@ -7,18 +7,23 @@ match them (``fiberbench bench invariance``).
 
 Definitions
 -----------
-**True invariance** of extractor ``f`` to factor ``k`` (by intervention)::
+**True invariance** of extractor ``f`` to factor ``k`` is the **fiber truth**
+(:mod:`fiberbench.bench.fiber_truth`): the same statistic the estimate below
+computes, on exact samples of each reference's fiber (world scenes kept by
+rejection when ``cos(f(x), f(x_ref)) >= 1 - DELTA``, the tolerance
+``feature_match`` uses). It is what an exact fiber sampler converges to, so it
+is what ``recovery_auroc`` and ``rank_correlation`` score against. Pairs with
+``true >= 0.8`` are *invariant*, pairs with ``true <= 0.2`` *sensitive*; the
+rest are partial and enter only the rank correlation.
 
-    true(f, k) = clip(1 - E||f(x') - f(x)|| / E||f(x'') - f(x)||, 0, 1)
+Beside it, per pair, two intervention measures (``x`` a fresh render, ``x'``
+the same scene with only ``k`` changed by :func:`fiberbench.toy.intervene`,
+``x''`` an independent render; ``mirror`` on chiral shapes only):
 
-``x`` a fresh render, ``x'`` the same scene with only factor ``k`` changed
-(:func:`fiberbench.toy.intervene`: a different value of a discrete factor, a
-resample of a continuous one; ``mirror`` is flipped and measured on chiral
-shapes only, where it is visible), ``x''`` an independent render. 1 = the
-features do not move when ``k`` changes; 0 = they move as much as (or more
-than) under a full resample. Pairs with ``true >= 0.8`` are *invariant*, pairs
-with ``true <= 0.2`` *sensitive*; the rest are partial and enter only the rank
-correlation.
+- ``intervention = clip(1 - E||f(x') - f(x)|| / E||f(x'') - f(x)||, 0, 1)``:
+  how *far* the features move, a graded quantity a fiber does not measure;
+- ``t_delta = P[cos(f(x'), f(x)) >= 1 - DELTA]``: whether a one-factor change
+  stays on the fiber, the fiber truth when one factor at a time is free.
 
 **Estimated invariance** of a method (what its fibers say): for every
 reference, the method draws ``n`` fiber samples; the oracle judges them
