@@ -177,6 +177,8 @@ def test_01_fiber_gallery(kernel, tmp_path, clip_spec):
     assert "application/vnd.jupyter.widget-state+json" in nb.metadata.get("widgets", {})
     assert mime_count(nb, "application/vnd.plotly.v1+json") == 2
     assert "FIBER_GALLERY_DONE 4" in text
+    assert number(text, r"first fiber: (\d+) samples in") == 3
+    print(re.search(r"first fiber: .*", text).group(0))  # timed here, at tiny settings; the defaults' in the docs
 
 
 def test_02_invariance_per_class(kernel, tmp_path, clip_spec):
@@ -187,6 +189,7 @@ def test_02_invariance_per_class(kernel, tmp_path, clip_spec):
         CLIP=clip_spec, EXTRACTORS=exts, PER_CLASS=1, N=2, STEPS=3, STORE=str(tmp_path / "store"),
         N_GROUND_TRUTH=200))
     assert "INVARIANCE_DONE 16" in text  # 2 extractors x 4 classes x 1 reference x 2 samples
+    print(re.search(r"notebook executed in .*", text).group(0))
     for g in ("shape", "color", "background", "mirror"):
         assert 0 <= number(text, rf"'{g}_changed': " + FLOAT) <= 1
     # the ground truth (interventions on the shipped classifiers; no sampling involved)

@@ -1033,8 +1033,9 @@ def _write_summary(store: Store, summary: SweepSummary) -> None:
 
 def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2), seed: int = 0,
               out: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Jobs per minute of a toy sweep (``toy/prior-fm`` × ``toy/shape-resnet@logits``, NDTM, ``toy``
-    preset, one fiber of ``n`` samples per job) with the local backend and with Ray on 1 and 2 workers.
+    """Jobs per minute of a toy sweep (``toy/prior-fm`` × ``toy/shape-resnet@logits``, NDTM, ``toy-fast``
+    preset: a fixed number of network calls per job, one fiber of ``n`` samples per job) with the local backend
+    and with Ray on 1 and 2 workers.
 
     Each backend starts cold (models loaded inside the timed run, Ray workers import fiberbench in it),
     with a fresh store, one torch thread per job; the local backend runs first and again last (their
@@ -1055,7 +1056,7 @@ def benchmark(jobs: int = 6, n: int = 8, steps: int | None = None, workers=(1, 2
     import ray  # noqa: PLC0415 - optional dependency (the [ray] extra)
 
     cfg = {"name": "bench", "extractors": ["toy/shape-resnet@logits"], "priors": ["toy/prior-fm"],
-           "methods": ["ndtm"], "preset": "toy", "n": n, "seeds": [seed], "threads": 1,
+           "methods": ["ndtm"], "preset": "toy-fast", "n": n, "seeds": [seed], "threads": 1,
            "references": [{"toy": {"n": jobs, "seed": SWEEP_BENCH_SEED_BASE + seed}}], "resources": {"num_cpus": 1}}
     if steps is not None:
         cfg["steps"] = steps
