@@ -222,6 +222,8 @@ def test_null_space_explorer_scores_and_steering(shape_resnet):
     bar = next(t for t in ns.figure.data if t.name == "attribute_score")
     for cls, y in zip(bar.x, bar.y):
         assert y == pytest.approx(sub[sub["class"] == cls].attribute_score.mean(), abs=1e-9)
+    share = f"{sub.is_leak.mean():.0%} / {sub.as_leak.mean():.0%} of images"  # sing_scores' flags, not constants
+    assert share in ns.summary.value and "IS > 12°" in ns.summary.value, ns.summary.value
     ns.view.value = "per image"
     assert sum(int(np.isfinite(np.asarray(t.y, float)).sum()) for t in ns.figure.data) == 12
     ns.target.value = "blue"

@@ -104,11 +104,13 @@ class NullSpaceExplorer(W.VBox):
         self.figure = go.FigureWidget(fig)
         self.plot_box.children = [self.figure]
         sub = self.scores[self.scores["concept"] == c]
-        lead = (sub["image_score"] > 12).mean(), (sub["attribute_score"].abs() > 4).mean()
+        # sing_scores' own flags where present (they carry the thresholds it was called with)
+        is_leak = sub["is_leak"] if "is_leak" in sub else sub["image_score"] > N.IS_LEAK_DEG
+        as_leak = sub["as_leak"] if "as_leak" in sub else sub["attribute_score"].abs() > N.AS_LEAK_DEG
         mean_is, mean_as = sub["image_score"].mean(), sub["attribute_score"].mean()
-        self.summary.value = (f"mean IS {mean_is:.2f}°, mean AS {mean_as:+.2f}°; "
-                              f"substantial leakage (IS > 12° or |AS| > 4°, the paper's reading): "
-                              f"{lead[0]:.0%} / {lead[1]:.0%} of images")
+        self.summary.value = (f"mean IS {mean_is:.2f}°, mean AS {mean_as:+.2f}°; leakage flagged by "
+                              f"sing_scores (default IS > {N.IS_LEAK_DEG:g}° or |AS| > {N.AS_LEAK_DEG:g}°, "
+                              f"SING's demo values): {is_leak.mean():.0%} / {as_leak.mean():.0%} of images")
 
     @guarded()
     def _on_steer(self, button=None) -> None:
