@@ -72,7 +72,7 @@ def eval_encoder(extractor, n: int = 2000, seed: int = EVAL_SEED) -> dict[str, A
 
     ``feature_change_<factor>`` as ``logit_change_<factor>`` of :func:`eval_classifier` (1 = as much as a
     full resample; mirror on chiral shapes only), and ``true_invariance_<factor> = clip(1 - change, 0, 1)``
-    (:mod:`fiberbench.groundtruth`).
+    (the intervention measure of :mod:`fiberbench.bench.invariance`).
     """
     f = sample_factors(n, seed)
     feats = _batched(extractor, render(f))
