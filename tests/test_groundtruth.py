@@ -262,22 +262,34 @@ def test_run_invariance_bench_tiny_is_reproducible(tmp_path):
         G.run_invariance_bench(methods=("nope",), extractors=["toy/color-vit@logits"])
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(reason="issue #8's ndtm bars are not all met (2026-11-30, docs/invariance_bench.md): AUROC 0.975 "
-                          "(met), Spearman 0.553 (an ideal fiber estimator reaches 0.762 on this truth), "
-                          "feature_match 0.755 (pre-logits 0.74, simclr embedding 0.43)", strict=False)
-@needs["prior-fm"]
-@needs["shape-resnet"]
-@needs["color-vit"]
-@needs["simclr-resnet"]
-def test_full_invariance_bench_bars(tmp_path):
-    """The issue's bars on the default setting: ndtm recovers the true invariances, unguided cannot.
+@pytest.fixture(scope="module")
+def full_bench(tmp_path_factory):
+    """The default setting's whole benchmark (46:35 wall on 2 cores, 2026-12-02: run it with ``-m slow``)."""
+    for model in ("prior-fm", "shape-resnet", "color-vit", "simclr-resnet", "clip"):
+        if model not in M.available():
+            pytest.skip(f"toy/{model} is not shipped")
+    return G.run_invariance_bench(seed=0, save_to=tmp_path_factory.mktemp("bench"))
 
-    Run time (the issue's 10 minutes) is a benchmark number, not asserted here: 7:20 on a quiet machine.
-    """
-    out = G.run_invariance_bench(seed=0, save_to=tmp_path)
-    nd = out["ndtm"]
+
+@pytest.mark.slow
+def test_full_invariance_bench_ranks_like_the_fiber_truth(full_bench):
+    """Issue #23's ranking bars on the default setting: ndtm separates and ranks the pairs like the fiber truth
+    (measured 2026-12-02: AUROC 1.000, Spearman 0.877), the ideal estimator's ceiling is >= 0.95 (0.968), and
+    the prior alone cannot (unguided AUROC 0.303)."""
+    nd = full_bench["ndtm"]
     assert nd["recovery_auroc"] >= 0.95, nd["recovery_auroc"]
     assert nd["rank_correlation"] >= 0.8, nd["rank_correlation"]
-    assert nd["feature_match"] >= 0.9, nd["feature_match"]
-    assert out["unguided"]["recovery_auroc"] <= 0.75  # the prior alone knows nothing of the extractor
+    assert nd["run"]["rank_correlation_ceiling"]["median"] >= 0.95
+    assert full_bench["unguided"]["recovery_auroc"] <= 0.75  # the prior alone knows nothing of the extractor
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue #23's per-extractor bars are not all met (2026-12-02, docs/invariance_bench.md): "
+                          "feature_match >= 0.9 on 8 of 10 extractors (clip@embed 0.896, simclr+clip mixture "
+                          "0.854), validity >= 0.9 on 4 of 10 (clip@embed 0.75, the mixtures 0.50-0.71)",
+                   strict=False)
+def test_full_invariance_bench_per_extractor_bars(full_bench):
+    """feature_match >= 0.9 and validity >= 0.9 on every extractor of the benchmark."""
+    for row in full_bench["ndtm"]["per_extractor"]:
+        assert row["feature_match"] >= 0.9, row
+        assert row["validity"] >= 0.9, row

@@ -314,7 +314,8 @@ def invariance_figure(pairs: pd.DataFrame, *, title: str = "estimated vs true in
                      facet_col_wrap=min(3, len(methods)), category_orders={"method": methods}, hover_data=hover,
                      title=title, range_x=[-0.05, 1.05], **kw)
     ymax = float(np.nanmax(np.r_[df["estimated"].to_numpy(float), 1.0])) * 1.05 + 0.05
-    fig.update_yaxes(range=[-0.05, ymax], title_text="estimated")
+    fig.update_yaxes(range=[-0.05, ymax], title_text="")
+    fig.update_yaxes(title_text="estimated", col=1)  # facet axes share it: once per row, at the left
     fig.update_xaxes(title_text="fiber truth")
     for band in ((-0.05, SENSITIVE), (INVARIANT, 1.05)):
         fig.add_vrect(x0=band[0], x1=band[1], fillcolor="gray", opacity=0.12, line_width=0, row="all", col="all")
