@@ -77,6 +77,7 @@ def test_gallery_run_click_then_store_hit(gallery, clip):
     assert len(g.loss_figure.data[0].y) == STEPS
     per_step = [np.nanmean(r) if np.isfinite(r).any() else np.nan for r in g.result.loss_history.numpy()]
     np.testing.assert_allclose(np.asarray(g.loss_figure.data[0].y, float), per_step, equal_nan=True, rtol=1e-6)
+    assert all(v is None or np.isfinite(v) for v in g.loss_figure.data[0].y)  # JSON-safe: a gap, never a NaN
     # the gallery: reference first, then the samples sorted by feature distance
     fr = g.frame
     assert len(g.cells) == N + 1 and len(g.grid.children) == N + 1

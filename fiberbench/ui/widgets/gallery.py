@@ -399,8 +399,9 @@ class FiberGallery(W.VBox):
         self.progress.value = min(self._step_calls, self.progress.max)
         loss = info.get("loss")
         finite = loss.float()[torch.isfinite(loss.float())] if loss is not None else None
-        # samples that skipped the step (already on the fiber) have no loss: the mean of the others
-        y = float(finite.mean()) if finite is not None and finite.numel() else float("nan")
+        # samples that skipped the step (already on the fiber) have no loss: the mean of the others; a step
+        # without any is a gap (None: a NaN cannot cross the widget's JSON channel)
+        y = float(finite.mean()) if finite is not None and finite.numel() else None
         fig = self.loss_figure
         with fig.batch_update():
             fig.data[0].x = tuple(fig.data[0].x or ()) + (self._step_calls,)
@@ -419,7 +420,7 @@ class FiberGallery(W.VBox):
         mean = np.array([np.nanmean(r) if np.isfinite(r).any() else np.nan for r in h]) if h.size else np.array([])
         with self.loss_figure.batch_update():
             self.loss_figure.data[0].x = tuple(range(1, len(mean) + 1))
-            self.loss_figure.data[0].y = tuple(float(v) for v in mean)
+            self.loss_figure.data[0].y = tuple(float(v) if np.isfinite(v) else None for v in mean)
 
     # ---------------------------------------------------------------- gallery
     def _groups(self, frame: pd.DataFrame) -> list[str]:
