@@ -768,7 +768,7 @@ def _rss_mb() -> float:
 
 def test_memory_stays_flat_over_ten_repeated_calls(prior_fm, shape_resnet):
     ref, _ = fb.toy.references(1, seed=24)
-    kw = dict(n=2, method="ndtm", preset="toy", steps=2, seed=0, progress=False)  # the default preset, particles included
+    kw = dict(n=2, method="ndtm", preset="toy", steps=2, seed=0, progress=False)  # default preset: particles too
     tensors, rss = {}, []
     for i in range(10):
         res = sample_fiber(prior_fm, shape_resnet, ref, **kw)
