@@ -3,8 +3,8 @@ Python package driving Debian's ``chromium``), Run All, then the gallery images,
 round trip are checked in the rendered page and a screenshot is saved under the test's tmp folder.
 
 Skipped (with the reason) only where Chromium or Playwright is missing: ``make browser-deps`` installs
-Chromium from apt. Never ``playwright install`` (it downloads a browser). Facts behind the set-up:
-``/work/shared/JUPYTER-BROWSER.md``.
+Chromium from apt. Never ``playwright install`` (it downloads a browser): Playwright is pointed at the
+system binary with ``executable_path``.
 """
 import json
 import os

@@ -23,7 +23,7 @@ def _card_of(spec: str) -> dict[str, Any]:
     try:
         s = parse_spec(spec)
     except Exception:  # noqa: BLE001 - a model added by hand may carry any spec
-        return {"spec": spec, "note": "added in this session (not a registry spec)"}
+        return {"spec": spec, "note": "added by hand in this picker (not a registry spec)"}
     if s.source == "toy":
         try:
             card = M.read_card(s.name)
