@@ -72,3 +72,13 @@ def models_dir(request, tmp_path_factory):
         os.environ.pop("FIBERBENCH_MODELS", None)
     else:
         os.environ["FIBERBENCH_MODELS"] = old
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): with two
+    OpenMP threads on a busy 2-core machine one call took 230 s instead of 1 s."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

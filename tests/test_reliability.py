@@ -37,13 +37,7 @@ HYP = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.t
                                                                    HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: with two OpenMP threads on a busy 2-core machine one call took 230 s instead of 1 s."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # =========================================================================== images

@@ -36,12 +36,7 @@ SECONDS = 5.0  # per example (a normal one takes milliseconds)
 MEGABYTES = 512  # resident memory above the level at the start of an example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rss_mb() -> float:

@@ -123,11 +123,11 @@ def validate_request(prior, extractor, reference, *, n, method, steps, seed, los
     batch_size = check_int("batch_size", batch_size)
     sampler = get_sampler(method)
     hp, run, provenance = resolve_settings(method, preset, hyperparameters, prior)
-    if steps is not None:  # fewer steps than the preset's: fewer guided updates, unless inner_steps makes up
-        check_int("steps", steps, 1, MAX_STEPS)
+    given = steps is not None
+    steps = check_int("steps", steps if given else run.get("steps", 50), 1, MAX_STEPS)
+    if given:  # fewer steps than the preset's: fewer guided updates, unless inner_steps makes up for them
         check_preset_steps(provenance["preset"], steps, None if isinstance(prior, str) else prior,
                            inner_steps=hyperparameters.get("inner_steps"), stacklevel=4)
-    steps = check_int("steps", steps if steps is not None else run.get("steps", 50), 1, MAX_STEPS)
     loss = loss or run.get("loss", "cosine")
     if loss not in LOSSES:
         raise ConfigError(f"unknown fiber loss {loss!r}; choose one of {LOSSES}")
