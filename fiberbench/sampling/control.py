@@ -28,13 +28,27 @@ class Control:
     grad_norm: str
     fiber_tol: float
     adam_eps: float
+    exit_tol: float = 0.0
+
+
+@dataclass
+class Kept:
+    """Prior evaluations an inner loop already made at the final controlled state of some rows: ``rows`` ``[M]``
+    bool, ``x0`` and ``eps`` ``[M,C,H,W]`` (meaningful on those rows), so the step need not denoise them again."""
+
+    rows: torch.Tensor
+    x0: torch.Tensor
+    eps: torch.Tensor
 
 
 def optimise_control(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t, g: float, h: torch.Tensor,
-                     rate: float, i: int, ctrl: Control) -> tuple[torch.Tensor, torch.Tensor]:
+                     rate: float, i: int, ctrl: Control) -> tuple[torch.Tensor, torch.Tensor, Kept | None]:
     """``ctrl.inner_steps`` Adam steps on the control ``u`` ``[M,C,H,W]`` at time ``t`` towards target ``h``.
 
-    Returns the new control (detached; non-finite rows zeroed) and the last inner step's fiber loss ``[M]``.
+    With ``ctrl.exit_tol`` > 0 a sample whose fiber loss at an inner evaluation is ``<= exit_tol`` leaves the loop
+    with the control it was evaluated at: its later inner steps cost nothing, and that evaluation is returned in
+    :class:`Kept` for the prior's step. Returns the new control (detached; non-finite rows zeroed), the fiber loss
+    ``[M]`` of each sample's last inner evaluation, and the kept evaluations (``None`` without ``exit_tol``).
     """
     eps_base = None
     if ctrl.w_score:
@@ -45,43 +59,78 @@ def optimise_control(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t,
     problem.scale_exp.zero_()  # a new control problem: every sample starts at the full lr again
     last_ok = torch.zeros_like(x)  # per sample: the last control whose cost and gradient were finite
     opt = RowAdam(u, [rate * sc for sc in problem.step_scales()], eps=ctrl.adam_eps)
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    kept = Kept(torch.zeros_like(active), torch.zeros_like(x), torch.zeros_like(x)) if ctrl.exit_tol > 0 else None
+    loss_all = torch.full((x.shape[0],), float("nan"), device=x.device)
     u.requires_grad_(True)
     for _ in range(ctrl.inner_steps):
         assert torch.is_grad_enabled(), "guided step needs autograd (a pipeline may have disabled it)"
-        x0, eps = problem.denoise(x + g * u, t)
-        loss = problem.loss(x0, h)
+        if not bool(active.any()):
+            break
+        full = bool(active.all())
+        idx = None if full else active.nonzero().flatten()
+        sub = problem if full else problem.rows(idx)
+        uc = g * u if full else g * u[idx]
+        x0, eps = sub.denoise((x if full else x[idx]) + uc, t)
+        loss = sub.loss(x0, h if full else h[idx])
         cost = ctrl.w_term * loss
         if ctrl.w_ctrl:
-            cost = cost + ctrl.w_ctrl * (g * u).flatten(1).pow(2).sum(1)
+            cost = cost + ctrl.w_ctrl * uc.flatten(1).pow(2).sum(1)
         if eps_base is not None:
-            cost = cost + ctrl.w_score * (eps_base - eps).flatten(1).pow(2).sum(1)
+            cost = cost + ctrl.w_score * ((eps_base if full else eps_base[idx]) - eps).flatten(1).pow(2).sum(1)
         cost.sum().backward()
         grad, u.grad = u.grad, None
+        if not full:
+            problem.merge(sub)  # the calls, counted for the rows evaluated
         with torch.no_grad():
-            ok = guard(problem, i, cost, grad, u, last_ok, opt, rate)
+            cost_all = torch.zeros_like(loss_all)
+            cost_all[active] = cost.detach()
+            loss_all[active] = loss.detach()
+            ok = guard(problem, i, cost_all, grad, u, last_ok, opt, rate, rows=active)
             last_ok[ok] = u[ok]
             norms = grad.flatten(1).norm(dim=1).clamp(min=1e-12)
             scale = ctrl.grad_clip / norms
             if ctrl.grad_norm == "clip":
                 scale = scale.clamp(max=1.0)
             if ctrl.fiber_tol > 0:  # already on the fiber: no push (unit norm would push at full size)
-                scale[loss.detach() <= ctrl.fiber_tol] = 0.0
+                scale[loss_all <= ctrl.fiber_tol] = 0.0
             grad.mul_(scale.view(-1, *[1] * (grad.ndim - 1)))
+            if kept is not None:  # on the fiber: leave the loop where this evaluation was made
+                done = active & ok & (loss_all <= ctrl.exit_tol)
+                if bool(done.any()):
+                    at = done[active]
+                    rows = done.nonzero().flatten()
+                    kept.rows[rows] = True
+                    kept.x0[rows], kept.eps[rows] = x0.detach()[at], eps.detach()[at]
+                    ok = ok & ~done
+                    active = active & ~done
         opt.step(grad, ok)
     u = u.detach()
-    u[~finite_rows(u)] = 0
-    return u, loss
+    bad = ~finite_rows(u)
+    u[bad] = 0
+    if kept is not None:
+        kept.rows &= ~bad.to(kept.rows.device)
+    return u, loss_all, kept
 
 
 @torch.no_grad()
 def controlled_step(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, g: float, t, s, eta: float,
-                    i: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    i: int, kept: Kept | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The prior's step from ``t`` to ``s`` out of the controlled state ``x + g u``: ``(x_s, x0_hat)``.
 
+    ``kept``: the rows whose prior evaluation at ``x + g u`` the inner loop already made (not denoised again).
     A sample whose next state is non-finite is booked and redoes the step unguided (its control is zeroed).
     """
     xc = x + g * u if g > 0 else x
-    x0, eps = problem.denoise(xc, t)
+    if kept is None or not bool(kept.rows.any()):
+        x0, eps = problem.denoise(xc, t)
+    else:
+        x0, eps = kept.x0.clone(), kept.eps.clone()
+        idx = (~kept.rows).nonzero().flatten()
+        if idx.numel():
+            sub = problem.rows(idx)
+            x0[idx], eps[idx] = sub.denoise(xc[idx], t)
+            problem.merge(sub)
     x_new = problem.prior.step(xc, x0, eps, t, s, eta, problem.noise.draw() if eta > 0 else None)
     bad = ~finite_rows(x_new)
     if bad.any():  # fall back to the unguided step for those samples
@@ -94,34 +143,40 @@ def controlled_step(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, g: 
 
 
 def guide_rows(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t, g: float, h: torch.Tensor,
-               rate: float, i: int, ctrl: Control, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+               rate: float, i: int, ctrl: Control,
+               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Kept | None]:
     """:func:`optimise_control` on the rows ``rows`` (``[M]`` bool) only; the others get a zero control and a
-    NaN loss. Returns ``(u [M,...], loss [M] or None when no row is guided)``."""
+    NaN loss. Returns ``(u [M,...], loss [M] or None when no row is guided, kept evaluations or None)``."""
     if bool(rows.all()):
         return optimise_control(problem, x, u, t, g, h, rate, i, ctrl)
     u = torch.zeros_like(x) if ctrl.control_init == "zero" else u.detach().clone()
     u[~rows] = 0
     if not bool(rows.any()):
-        return u, None
+        return u, None, None
     idx = rows.nonzero().flatten()
     sub = problem.rows(idx)
-    u_sub, loss_sub = optimise_control(sub, x[idx], u[idx], t, g, h[idx], rate, i, ctrl)
+    u_sub, loss_sub, kept_sub = optimise_control(sub, x[idx], u[idx], t, g, h[idx], rate, i, ctrl)
     problem.merge(sub, idx)
     u[idx] = u_sub
     loss = torch.full((x.shape[0],), float("nan"), device=x.device)
     loss[idx] = loss_sub.detach()
-    return u, loss
+    kept = None
+    if kept_sub is not None:
+        kept = Kept(torch.zeros_like(rows), torch.zeros_like(x), torch.zeros_like(x))
+        kept.rows[idx], kept.x0[idx], kept.eps[idx] = kept_sub.rows, kept_sub.x0, kept_sub.eps
+    return u, loss, kept
 
 
 def step_rows(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, g: float, t, s, eta: float, i: int,
-              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              rows: torch.Tensor, kept: Kept | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`controlled_step` of the rows ``rows`` (``[M]`` bool; the others keep their state and get a zero
     x0_hat; every sample's noise stream advances as in a full step). Returns ``(x_s, x0_hat)``, both ``[M,...]``."""
     if bool(rows.all()):
-        return controlled_step(problem, x, u, g, t, s, eta, i)
+        return controlled_step(problem, x, u, g, t, s, eta, i, kept)
     idx = rows.nonzero().flatten()
     sub = problem.rows(idx)
-    x_new, x0_sub = controlled_step(sub, x[idx], u[idx], g, t, s, eta, i)
+    kept_sub = None if kept is None else Kept(kept.rows[idx], kept.x0[idx], kept.eps[idx])
+    x_new, x0_sub = controlled_step(sub, x[idx], u[idx], g, t, s, eta, i, kept_sub)
     problem.merge(sub, idx)
     x, x0 = x.clone(), torch.zeros_like(x)
     x[idx], x0[idx] = x_new, x0_sub

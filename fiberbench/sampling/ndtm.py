@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .base import progress, register_sampler, report
-from .control import Control, controlled_step, guide_rows, optimise_control
+from .control import Control, Kept, controlled_step, guide_rows, optimise_control
 from .problem import FiberProblem, gamma_at
 from .steering import Steering, steer_particles
 
@@ -18,7 +18,8 @@ NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_sc
                      gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero",
                      grad_clip=1.0, grad_norm="clip", fiber_tol=0.0, adam_eps=1e-4, recurrence=1,
                      recurrence_tau=500.0, particles=1, particle_tau=600.0, particle_inner_steps=2,
-                     particle_grad_norm="unit", particle_lambda=20.0, early_draw_tol=0.0, skip_tol=0.0)
+                     particle_grad_norm="unit", particle_lambda=20.0, early_draw_tol=0.0, skip_tol=0.0,
+                     exit_tol=0.0, particle_spawn="all")
 PARTICLE_RULES = {
     "particles": dict(kind="int", lo=1, hi=256),
     "particle_tau": dict(kind="real", lo=0.0, hi=1000.0),
@@ -27,6 +28,8 @@ PARTICLE_RULES = {
     "particle_lambda": dict(kind="real", lo=0.0),
     "early_draw_tol": dict(kind="real", lo=0.0),
     "skip_tol": dict(kind="real", lo=0.0),
+    "exit_tol": dict(kind="real", lo=0.0),
+    "particle_spawn": dict(kind="choice", choices=("all", "lazy")),
 }
 
 
@@ -38,7 +41,8 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                 fiber_tol: float = 0.0, adam_eps: float = 1e-8, recurrence: int = 1,
                 recurrence_tau: float = 500.0, particles: int = 1, particle_tau: float = 600.0,
                 particle_inner_steps: int = 2, particle_grad_norm: str = "unit", particle_lambda: float = 20.0,
-                early_draw_tol: float = 0.0, skip_tol: float = 0.0) -> torch.Tensor:
+                early_draw_tol: float = 0.0, skip_tol: float = 0.0, exit_tol: float = 0.0,
+                particle_spawn: str = "all") -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
@@ -59,22 +63,23 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     for the sample. A fault after ``MAX_HALVINGS`` halvings in a row (no finite evaluation between
     them) gives up: the sample's control stays 0 (unguided) to the end.
 
-    ``recurrence`` r > 1 repeats every guided step at tau >= ``recurrence_tau`` r times: after the
-    controlled step from t to s the state is forward-diffused back to t (:meth:`Prior.renoise`, fresh
-    per-sample noise) and the step is redone, r - 1 times, the last result is kept ("time travel",
-    FreeDoM / Universal Guidance). It gives the coarse layout (shape, background) r chances to move to
-    the fiber while the noise level still lets it; cost: r times the guided calls of those steps.
+    ``recurrence`` r > 1 repeats every guided step at tau >= ``recurrence_tau`` r times: the state reached at s
+    is forward-diffused back to t (:meth:`Prior.renoise`, fresh noise) and the step redone ("time travel",
+    FreeDoM / Universal Guidance), r chances for the coarse layout; cost: r times those steps' guided calls.
 
     ``particles`` K > 1 runs the steps with tau >= ``particle_tau`` on K particles per sample, each an NDTM
     trajectory with ``particle_inner_steps`` inner steps and ``particle_grad_norm``, then draws one per sample
     with weight ``exp(-particle_lambda * L(x0_hat))`` (``early_draw_tol`` > 0: as soon as one particle of a
     sample has L <= early_draw_tol) and continues as above (:mod:`.steering`: K tries at the coarse layout,
-    which NDTM alone gets wrong on embeddings). ``skip_tol`` > 0: a sample whose x0_hat after the previous
-    step has fiber loss <= skip_tol takes that step without its inner loop (one extractor pass per step
-    decides). Evaluation counts are per output sample, every particle counted.
+    which NDTM alone gets wrong on embeddings); ``particle_spawn="lazy"`` runs the other K - 1 only for samples
+    whose first particle ends the phase off the fiber. Adaptive work: ``skip_tol`` > 0 skips the inner loop of a
+    sample whose x0_hat after the previous step has fiber loss <= skip_tol (one extractor pass decides);
+    ``exit_tol`` > 0 ends a sample's inner loop at the first evaluation with loss <= exit_tol, and the step
+    reuses that evaluation (:func:`.control.optimise_control`). Evaluation counts are per output sample.
     """
     n_steps = len(sched)
-    ctrl = Control(inner_steps, w_ctrl, w_score, w_term, control_init, grad_clip, grad_norm, fiber_tol, adam_eps)
+    ctrl = Control(inner_steps, w_ctrl, w_score, w_term, control_init, grad_clip, grad_norm, fiber_tol, adam_eps,
+                   exit_tol)
 
     def lr_at(i: int) -> float:
         return lr * (1.0 - i / n_steps) if lr_decay == "linear" else lr
@@ -82,7 +87,7 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     start, last, x0 = 0, None, x  # last: x0_hat's fiber loss after the previous step, when skip_tol is used
     if particles > 1:
         steering = Steering(particles, particle_tau, particle_inner_steps, particle_grad_norm, particle_lambda,
-                            early_draw_tol)
+                            early_draw_tol, particle_spawn == "lazy")
         x, x0, start, last = steer_particles(problem, sched, steering, ctrl, gamma=gamma, lr_at=lr_at, eta=eta,
                                              target=target, callback=callback, disable=disable)
         last = last if skip_tol > 0 else None
@@ -94,25 +99,35 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
         for rep in range(reps):
             if rep:  # time travel: back to t from the state just reached at s
                 x = problem.prior.renoise(x, s, t, problem.noise.draw())
-            loss = None
+            loss, kept = None, None
             if g > 0 and inner_steps > 0 and rate > 0 and bool(problem.live().any()):
                 h = problem.target_at(t, target)
                 if last is None:
-                    u, loss = optimise_control(problem, x, u, t, g, h, rate, i, ctrl)
+                    u, loss, kept = optimise_control(problem, x, u, t, g, h, rate, i, ctrl)
                 else:  # samples already on the fiber skip the inner loop
-                    u, loss = guide_rows(problem, x, u, t, g, h, rate, i, ctrl, problem.live() & ~(last <= skip_tol))
+                    rows = problem.live() & ~(last <= skip_tol)
+                    u, loss, kept = guide_rows(problem, x, u, t, g, h, rate, i, ctrl, rows)
             u[~problem.live()] = 0  # given up: unguided from here on
-            x, x0 = controlled_step(problem, x, u, g, t, s, eta, i)
+            x, x0 = controlled_step(problem, x, u, g, t, s, eta, i, kept)
             if skip_tol > 0:
-                last = on_fiber_loss(problem, x0)
+                last = on_fiber_loss(problem, x0, kept if target == "fixed" else None, loss)
         problem.record(loss, x0)
         report(callback, i, t, x, x0, problem, loss)
     return x0
 
 
 @torch.no_grad()
-def on_fiber_loss(problem: FiberProblem, x0: torch.Tensor) -> torch.Tensor:
+def on_fiber_loss(problem: FiberProblem, x0: torch.Tensor, kept: Kept | None = None,
+                  loss: torch.Tensor | None = None) -> torch.Tensor:
     """The fiber loss ``[M]`` of x0_hat against the fixed targets (inf where non-finite): what ``skip_tol``
-    compares."""
-    loss = problem.loss(x0, problem.target)
-    return torch.where(torch.isfinite(loss), loss, torch.full_like(loss, float("inf")))
+    compares. Rows in ``kept`` take their inner loop's ``loss`` instead: their x0_hat is that evaluation's."""
+    if kept is None or loss is None or not bool(kept.rows.any()):
+        out = problem.loss(x0, problem.target)
+    else:
+        out = loss.detach().clone()
+        idx = (~kept.rows).nonzero().flatten()
+        if idx.numel():
+            sub = problem.rows(idx)
+            out[idx] = sub.loss(x0[idx], sub.target)
+            problem.merge(sub)
+    return torch.where(torch.isfinite(out), out, torch.full_like(out, float("inf")))

@@ -65,15 +65,16 @@ class RowAdam:
 
 
 def guard(problem: FiberProblem, step: int, cost: torch.Tensor, grad: torch.Tensor, param: torch.Tensor,
-           last_ok: torch.Tensor, opt: RowAdam, base_lr: float) -> torch.Tensor:
+           last_ok: torch.Tensor, opt: RowAdam, base_lr: float, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Find the samples whose ``cost`` ``[M]`` or ``grad`` ``[M,...]`` is non-finite and retry them smaller.
 
     Each such sample is booked (:meth:`FiberProblem.fault`), its ``param`` row goes back to ``last_ok`` (its
     last iterate with a finite cost and gradient), its optimiser state is reset and its learning rate becomes
     ``base_lr * problem.step_scales()``. Their gradient rows (and those of samples given up) are zeroed.
+    ``rows`` (``[M]`` bool): the samples evaluated this time (default all); the others are left alone.
     Returns ``[M]`` bool: the samples that take this optimiser step.
     """
-    live = problem.live()
+    live = problem.live() if rows is None else problem.live() & rows
     finite_cost = torch.isfinite(cost.detach())
     finite_grad = finite_rows(grad)
     ok = finite_cost & finite_grad & live

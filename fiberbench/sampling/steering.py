@@ -42,6 +42,7 @@ class Steering:
     grad_norm: str  # "unit" | "clip", as NDTM's
     lam: float  # the potential's inverse temperature: weight exp(-lam * L(x0_hat))
     early_draw_tol: float  # > 0: draw as soon as a particle is this close to the fiber
+    lazy: bool = False  # one particle first; the other K - 1 only for samples it left off the fiber
 
 
 def draw_particles(problem: FiberProblem, logw: torch.Tensor) -> torch.Tensor:
@@ -77,45 +78,80 @@ def steer_particles(problem: FiberProblem, sched, steering: Steering, ctrl: Cont
                     disable=None) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """The particle phase of :func:`~fiberbench.sampling.ndtm.sample_ndtm` on ``problem`` (M samples).
 
+    With ``steering.lazy`` the phase runs twice: first particle 0 of every sample alone; then, for the samples
+    whose particle 0 ended the phase with a fiber loss above ``early_draw_tol``, their other K - 1 particles
+    from their own starts, and the draw is among all K. A sample its first particle brought to the fiber
+    costs one trajectory.
+
     Returns ``(x, x0, i, loss)``: per sample the drawn particle's state ``[M,C,H,W]`` at step ``i`` (the first
     step with tau < ``until_tau``, or the end), its x0_hat and the fiber loss of that x0_hat ``[M]``. The
     particles' network calls are charged to ``problem`` per output sample (K particles cost K evaluations).
     """
     M, K = problem.target.shape[0], steering.particles
     pp = problem.rows(torch.arange(M).repeat_interleave(K), noise=ParticleNoise(problem.noise, K))
-    xs = pp.fresh_start(sched)
+    st = Swarm(pp.fresh_start(sched), M, K)
+    if steering.lazy:
+        st.alive = (torch.arange(M * K, device=st.xs.device) % K) == 0
+    i = run_phase(problem, pp, st, sched, steering, ctrl, gamma, lr_at, eta, target, callback, disable)
+    if steering.lazy:
+        first = st.loss.view(M, K)[:, 0]
+        retry = (first > steering.early_draw_tol).repeat_interleave(K)
+        others = (torch.arange(M * K, device=st.xs.device) % K) != 0
+        if bool((retry & others).any()):
+            done = st.alive.clone()
+            st.alive = retry & others
+            run_phase(problem, pp, st, sched, steering, ctrl, gamma, lr_at, eta, target, None, True, quiet=True)
+            # an early draw among the others (it keeps one of K - 1 >= 2) drops particle 0 too
+            drew = (st.alive.view(M, K)[:, 1:].sum(1) == 1) & (K > 2)
+            st.alive = st.alive | (done & ~drew.repeat_interleave(K))
+    logw = (-steering.lam * st.loss).view(M, K).double().masked_fill(~st.alive.view(M, K), float("-inf"))
+    keep = draw_particles(problem, logw)
+    problem.merge(pp)  # every particle's calls
+    problem.merge(pp.rows(keep), torch.arange(M))  # the drawn lineage's fault record
+    return st.xs[keep], st.x0[keep], i, st.loss[keep]
+
+
+class Swarm:
+    """The particles' state ``[M*K,...]``: positions, x0_hat, fiber loss of x0_hat and which are still evaluated."""
+
+    def __init__(self, xs: torch.Tensor, m: int, k: int):
+        self.xs, self.x0, self.m, self.k = xs, torch.zeros_like(xs), m, k
+        self.alive = torch.ones(m * k, dtype=torch.bool, device=xs.device)
+        self.loss = torch.full((m * k,), WORST_LOSS, device=xs.device)
+
+
+def run_phase(problem: FiberProblem, pp: FiberProblem, st: Swarm, sched, steering: Steering, ctrl: Control, gamma,
+              lr_at: Callable, eta: float, target: str, callback, disable, quiet: bool = False) -> int:
+    """Steps 0, 1, ... while tau >= ``until_tau`` for the live particles of ``st`` (updated in place); returns the
+    first step after the phase. ``quiet``: a second pass, which records and reports nothing."""
+    M, K = st.m, st.k
     pctrl = replace(ctrl, inner_steps=steering.inner_steps, grad_norm=steering.grad_norm)
-    dev = xs.device
-    alive = torch.ones(M * K, dtype=torch.bool, device=dev)
-    loss_now = torch.full((M * K,), WORST_LOSS, device=dev)
-    x0 = torch.zeros_like(xs)
-    logw = torch.zeros(M, K, dtype=torch.float64, device=dev)
     i = 0
     for i in progress(len(sched), disable):
         t, s, tau = sched.times[i], sched.times[i + 1], float(sched.taus[i])
         if tau < steering.until_tau:
-            break
+            return i
         g, rate = gamma_at(gamma, tau), lr_at(i)
-        u, loss = torch.zeros_like(xs), None
+        u, loss, kept = torch.zeros_like(st.xs), None, None
         if g > 0 and pctrl.inner_steps > 0 and rate > 0:
-            u, loss = guide_rows(pp, xs, u, t, g, pp.target_at(t, target), rate, i, pctrl, pp.live() & alive)
+            u, loss, kept = guide_rows(pp, st.xs, u, t, g, pp.target_at(t, target), rate, i, pctrl,
+                                       pp.live() & st.alive)
         u[~pp.live()] = 0
-        xs, x0 = step_rows(pp, xs, u, g, t, s, eta, i, alive)
+        st.xs, x0 = step_rows(pp, st.xs, u, g, t, s, eta, i, st.alive, kept)
+        rows = st.alive.view(-1, *[1] * (x0.ndim - 1))
+        st.x0 = torch.where(rows, x0, st.x0)
         with torch.no_grad():
-            loss_now = particle_losses(pp, x0, alive)
-        logw = (-steering.lam * loss_now).view(M, K).double().masked_fill(~alive.view(M, K), float("-inf"))
+            st.loss = torch.where(st.alive, particle_losses(pp, x0, st.alive), st.loss)
+        logw = (-steering.lam * st.loss).view(M, K).double().masked_fill(~st.alive.view(M, K), float("-inf"))
         if steering.early_draw_tol > 0:
-            alive = early_draws(problem, logw, loss_now, alive, steering.early_draw_tol)
-            logw = logw.masked_fill(~alive.view(M, K), float("-inf"))
-        shown = logw.argmax(1) + torch.arange(M, device=dev) * K  # the currently heaviest particle
-        problem.record(None if loss is None else loss[shown], x0[shown])
-        report(callback, i, t, xs[shown], x0[shown], problem, None if loss is None else loss[shown])
-    else:
-        i = len(sched)
-    keep = draw_particles(problem, logw)
-    problem.merge(pp)  # every particle's calls
-    problem.merge(pp.rows(keep), torch.arange(M))  # the drawn lineage's fault record
-    return xs[keep], x0[keep], i, loss_now[keep]
+            st.alive = early_draws(problem, logw, st.loss, st.alive, steering.early_draw_tol)
+            logw = logw.masked_fill(~st.alive.view(M, K), float("-inf"))
+        if quiet:
+            continue
+        shown = logw.argmax(1) + torch.arange(M, device=logw.device) * K  # the currently heaviest particle
+        problem.record(None if loss is None else loss[shown], st.x0[shown])
+        report(callback, i, t, st.xs[shown], st.x0[shown], problem, None if loss is None else loss[shown])
+    return len(sched)
 
 
 def particle_losses(pp: FiberProblem, x0: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
