@@ -97,13 +97,14 @@ def steer_particles(problem: FiberProblem, sched, steering: Steering, ctrl: Cont
         first = st.loss.view(M, K)[:, 0]
         retry = (first > steering.early_draw_tol).repeat_interleave(K)
         others = (torch.arange(M * K, device=st.xs.device) % K) != 0
-        if bool((retry & others).any()):
-            done = st.alive.clone()
-            st.alive = retry & others
-            run_phase(problem, pp, st, sched, steering, ctrl, gamma, lr_at, eta, target, None, True, quiet=True)
-            # an early draw among the others (it keeps one of K - 1 >= 2) drops particle 0 too
-            drew = (st.alive.view(M, K)[:, 1:].sum(1) == 1) & (K > 2)
-            st.alive = st.alive | (done & ~drew.repeat_interleave(K))
+        # the second pass runs even when no sample needs it: every sample's noise stream then advances alike
+        # whatever the others in its batch do, so a sample is the same alone or in any batch
+        done = st.alive.clone()
+        st.alive = retry & others
+        run_phase(problem, pp, st, sched, steering, ctrl, gamma, lr_at, eta, target, None, True, quiet=True)
+        # an early draw among the others (it keeps one of K - 1 >= 2) drops particle 0 too
+        drew = (st.alive.view(M, K)[:, 1:].sum(1) == 1) & (K > 2)
+        st.alive = st.alive | (done & ~drew.repeat_interleave(K))
     logw = (-steering.lam * st.loss).view(M, K).double().masked_fill(~st.alive.view(M, K), float("-inf"))
     keep = draw_particles(problem, logw)
     problem.merge(pp)  # every particle's calls
@@ -131,6 +132,12 @@ def run_phase(problem: FiberProblem, pp: FiberProblem, st: Swarm, sched, steerin
         t, s, tau = sched.times[i], sched.times[i + 1], float(sched.taus[i])
         if tau < steering.until_tau:
             return i
+        if not bool(st.alive.any()):  # nothing to evaluate: only the draws a step makes, for every sample
+            if eta > 0:
+                pp.noise.draw()
+            if steering.early_draw_tol > 0:
+                problem.noise.uniform((1,))
+            continue
         g, rate = gamma_at(gamma, tau), lr_at(i)
         u, loss, kept = torch.zeros_like(st.xs), None, None
         if g > 0 and pctrl.inner_steps > 0 and rate > 0:
