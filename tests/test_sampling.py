@@ -7,11 +7,17 @@ import pytest
 import torch
 
 import fiberbench as fb
+from fiberbench.bench.perf import call_counts, expected_evals
 from fiberbench.errors import ConfigError
 from fiberbench.models.analytic import GaussianPrior, LinearExtractor, conditional_moments
 from fiberbench.sampling import RowAdam, fiber_distance, gamma_at, sample_fiber
+from fiberbench.sampling.control import realism_residual
+from fiberbench.sampling.ndtm import NDTM_DEFAULTS
+from fiberbench.sampling.problem import FiberProblem, NoiseSource
+from fiberbench.toy import render, sample_factors
 
 SHAPE = (3, 4, 4)
+FRESH_REALISM_SEED = 90_417  # scenes no toy model was trained on
 D = 48
 
 
@@ -641,6 +647,47 @@ def test_lazy_particles_spawn_the_others_only_for_samples_off_the_fiber(gaussian
     mixed = batched.config["denoiser_evals_per_sample"]
     assert 3 * n_part + 4 * (10 - n_part) < mixed < 9 * n_part + 4 * (10 - n_part)  # some retried, some did not
     assert torch.allclose(alone.latents, batched.latents, atol=1e-4)
+
+
+def test_realism_term_costs_one_denoiser_forward_per_inner_evaluation(gaussian_problem):
+    """w_real adds exactly one counted denoiser forward per inner evaluation (no extractor pass), the bench's
+    call counts say so, and with rows leaving the loop early (skip_tol, exit_tol) a sample is the same alone as
+    in its batch: the term's noise is drawn once per step for every sample."""
+    mu, std, A, x_ref = gaussian_problem
+    prior, ext = GaussianPrior(mu, std, "flow"), LinearExtractor(A)
+    kw = dict(n=12, steps=10, loss="cosine", progress=False, batch_size=12, seed=4, **_KEY_NDTM)
+    plain = sample_fiber(prior, ext, (x_ref + 1) / 2, **kw)
+    real = sample_fiber(prior, ext, (x_ref + 1) / 2, w_real=0.01, **kw)
+    taus = prior.schedule(10).taus[:-1]
+    guided = sum(gamma_at(_KEY_NDTM["gamma"], float(tau)) > 0 for tau in taus)
+    inner = _KEY_NDTM["inner_steps"]
+    assert real.config["extractor_evals_per_sample"] == plain.config["extractor_evals_per_sample"] == guided * inner
+    assert real.config["denoiser_evals_per_sample"] == plain.config["denoiser_evals_per_sample"] + guided * inner
+    hp = {**NDTM_DEFAULTS, **{k: v for k, v in _KEY_NDTM.items() if k != "preset"}, "w_real": 0.01}
+    assert expected_evals(call_counts("ndtm", hp, [float(t) for t in taus], 10))["denoiser"] == \
+        real.config["denoiser_evals_per_sample"]
+    assert not torch.equal(real.latents, plain.latents)
+    ad = dict(w_real=0.01, skip_tol=0.01, exit_tol=0.01)
+    batched = sample_fiber(prior, ext, (x_ref + 1) / 2, **ad, **kw)
+    alone = sample_fiber(prior, ext, (x_ref + 1) / 2, **ad, **{**kw, "batch_size": 1})
+    assert batched.config["denoiser_evals_per_sample"] < real.config["denoiser_evals_per_sample"]  # rows left
+    assert torch.allclose(alone.latents, batched.latents, atol=1e-4)
+
+
+def test_realism_residual_is_small_on_clean_renders_and_large_on_grain(prior_fm):
+    """The prior's denoising residual at tau 300 (what w_real penalises) is several times larger on a render
+    with grain than on the clean render, for every one of 16 fresh scenes."""
+    images = render(sample_factors(16, seed=FRESH_REALISM_SEED))
+    x0 = prior_fm.encode(images)
+    g = torch.Generator().manual_seed(FRESH_REALISM_SEED)
+    grain = (x0 + 0.1 * torch.randn(x0.shape, generator=g)).clamp(-1, 1)
+    problem = FiberProblem(prior=prior_fm, extractor=None, target=torch.zeros(16, 1), metric="cosine",
+                           noise=NoiseSource(range(16), tuple(x0.shape[1:]), "cpu"))
+    noise = problem.noise.draw()
+    clean_r = realism_residual(problem, x0, 300.0, noise)
+    grain_r = realism_residual(problem, grain, 300.0, noise)
+    assert problem.calls["denoiser"] == 2
+    assert bool((grain_r > 3 * clean_r).all()), (grain_r / clean_r).min()
 
 
 def test_the_drawn_particle_is_the_one_nearest_the_fiber_when_lambda_is_large(gaussian_problem):

@@ -178,11 +178,12 @@ def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) 
 
     ``taus``: the schedule's common times (first ``steps`` used). NDTM: every guided step (gamma > 0, lr > 0;
     recurrence repeats it) makes ``inner_steps`` prior and feature forward+backward passes, every step one prior
-    forward (plus one for ``w_score``); DPS: a guided step is one prior and feature forward+backward, the others
-    one prior forward; a time-dependent target costs one reference prior and feature forward per guided step;
-    unguided: one prior forward per step; metamer: one extractor forward+backward per iteration. ``None`` too for
-    an adaptive NDTM run (``particles > 1``, ``skip_tol``, ``early_draw_tol`` or ``exit_tol``): which rows it guides
-    depends on the data, so it has no fixed floor; its row reports the evaluations it counted.
+    forward (plus one for ``w_score``, and one per inner step for ``w_real``); DPS: a guided step is one prior and
+    feature forward+backward, the others one prior forward; a time-dependent target costs one reference prior and
+    feature forward per guided step; unguided: one prior forward per step; metamer: one extractor forward+backward per
+    iteration. ``None`` too for an adaptive NDTM run (``particles > 1``, ``skip_tol``, ``early_draw_tol`` or
+    ``exit_tol``): which rows it guides depends on the data, so it has no fixed floor; its row reports the evaluations
+    it counted.
     """
     if method == "ndtm" and adaptive(hp):
         return None
@@ -211,6 +212,8 @@ def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) 
     counts["prior_forward"] = executed if method == "ndtm" else executed - guided
     if method == "ndtm" and hp["w_score"]:
         counts["prior_forward"] += guided
+    if method == "ndtm" and hp.get("w_real"):  # the realism term's denoiser forward at every inner step
+        counts["prior_forward"] += guided * inner
     if hp["target"] == "time":
         counts["reference_prior_forward"] = counts["reference_features_forward"] = guided
     return {**counts, "guided_steps": guided}

@@ -29,6 +29,8 @@ class Control:
     fiber_tol: float
     adam_eps: float
     exit_tol: float = 0.0
+    w_real: float = 0.0
+    real_tau: float = 300.0
 
 
 @dataclass
@@ -41,14 +43,32 @@ class Kept:
     eps: torch.Tensor
 
 
+def realism_residual(problem: FiberProblem, x0: torch.Tensor, tau: float, noise: torch.Tensor) -> torch.Tensor:
+    """``||x0 - sg(D(x0 noised to tau))||^2`` per row ``[M]``: how much the prior's denoiser would change x0_hat.
+
+    Regularisation by denoising (Romano et al. 2017): the gradient ``2 (x0 - D)`` points off the prior's image
+    manifold, so the cost pulls x0_hat back towards it without a backward pass through the second denoiser call.
+    A clean render moves little; guidance texture (grain) moves several times more. One counted prior forward
+    with ``noise`` ``[M,C,H,W]`` (standard normal).
+    """
+    t_r = problem.prior.time_at_tau(tau)
+    with torch.no_grad():
+        clean, _ = problem.denoise(problem.prior.add_noise(x0.detach(), t_r, noise), t_r)
+    return (x0 - clean).flatten(1).pow(2).sum(1)
+
+
 def optimise_control(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t, g: float, h: torch.Tensor,
-                     rate: float, i: int, ctrl: Control) -> tuple[torch.Tensor, torch.Tensor, Kept | None]:
+                     rate: float, i: int, ctrl: Control,
+                     real_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Kept | None]:
     """``ctrl.inner_steps`` Adam steps on the control ``u`` ``[M,C,H,W]`` at time ``t`` towards target ``h``.
 
     With ``ctrl.exit_tol`` > 0 a sample whose fiber loss at an inner evaluation is ``<= exit_tol`` leaves the loop
     with the control it was evaluated at: its later inner steps cost nothing, and that evaluation is returned in
-    :class:`Kept` for the prior's step. Returns the new control (detached; non-finite rows zeroed), the fiber loss
-    ``[M]`` of each sample's last inner evaluation, and the kept evaluations (``None`` without ``exit_tol``).
+    :class:`Kept` for the prior's step. With ``ctrl.w_real`` > 0 the cost adds ``w_real`` times the realism residual
+    of x0_hat (:func:`realism_residual`), renoised with ``real_noise`` ``[M,C,H,W]`` (drawn by the caller once per
+    step, so a sample's noise stream does not depend on how long the other rows stay in the loop). Returns the new
+    control (detached; non-finite rows zeroed), the fiber loss ``[M]`` of each sample's last inner evaluation, and the
+    kept evaluations (``None`` without ``exit_tol``).
     """
     eps_base = None
     if ctrl.w_score:
@@ -78,6 +98,9 @@ def optimise_control(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t,
             cost = cost + ctrl.w_ctrl * uc.flatten(1).pow(2).sum(1)
         if eps_base is not None:
             cost = cost + ctrl.w_score * ((eps_base if full else eps_base[idx]) - eps).flatten(1).pow(2).sum(1)
+        if ctrl.w_real:
+            cost = cost + ctrl.w_real * realism_residual(sub, x0, ctrl.real_tau,
+                                                         real_noise if full else real_noise[idx])
         cost.sum().backward()
         grad, u.grad = u.grad, None
         if not full:
@@ -143,19 +166,20 @@ def controlled_step(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, g: 
 
 
 def guide_rows(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t, g: float, h: torch.Tensor,
-               rate: float, i: int, ctrl: Control,
-               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Kept | None]:
+               rate: float, i: int, ctrl: Control, rows: torch.Tensor,
+               real_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Kept | None]:
     """:func:`optimise_control` on the rows ``rows`` (``[M]`` bool) only; the others get a zero control and a
     NaN loss. Returns ``(u [M,...], loss [M] or None when no row is guided, kept evaluations or None)``."""
     if bool(rows.all()):
-        return optimise_control(problem, x, u, t, g, h, rate, i, ctrl)
+        return optimise_control(problem, x, u, t, g, h, rate, i, ctrl, real_noise)
     u = torch.zeros_like(x) if ctrl.control_init == "zero" else u.detach().clone()
     u[~rows] = 0
     if not bool(rows.any()):
         return u, None, None
     idx = rows.nonzero().flatten()
     sub = problem.rows(idx)
-    u_sub, loss_sub, kept_sub = optimise_control(sub, x[idx], u[idx], t, g, h[idx], rate, i, ctrl)
+    u_sub, loss_sub, kept_sub = optimise_control(sub, x[idx], u[idx], t, g, h[idx], rate, i, ctrl,
+                                                 None if real_noise is None else real_noise[idx])
     problem.merge(sub, idx)
     u[idx] = u_sub
     loss = torch.full((x.shape[0],), float("nan"), device=x.device)

@@ -19,7 +19,7 @@ NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_sc
                      grad_clip=1.0, grad_norm="clip", fiber_tol=0.0, adam_eps=1e-4, recurrence=1,
                      recurrence_tau=500.0, particles=1, particle_tau=600.0, particle_inner_steps=2,
                      particle_grad_norm="unit", particle_lambda=20.0, early_draw_tol=0.0, skip_tol=0.0,
-                     exit_tol=0.0, particle_spawn="all")
+                     exit_tol=0.0, particle_spawn="all", w_real=0.0, real_tau=300.0)
 PARTICLE_RULES = {
     "particles": dict(kind="int", lo=1, hi=256),
     "particle_tau": dict(kind="real", lo=0.0, hi=1000.0),
@@ -30,6 +30,8 @@ PARTICLE_RULES = {
     "skip_tol": dict(kind="real", lo=0.0),
     "exit_tol": dict(kind="real", lo=0.0),
     "particle_spawn": dict(kind="choice", choices=("all", "lazy")),
+    "w_real": dict(kind="real", lo=0.0),
+    "real_tau": dict(kind="real", lo=0.0, hi=1000.0, open_lo=True),
 }
 
 
@@ -42,10 +44,11 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                 recurrence_tau: float = 500.0, particles: int = 1, particle_tau: float = 600.0,
                 particle_inner_steps: int = 2, particle_grad_norm: str = "unit", particle_lambda: float = 20.0,
                 early_draw_tol: float = 0.0, skip_tol: float = 0.0, exit_tol: float = 0.0,
-                particle_spawn: str = "all") -> torch.Tensor:
+                particle_spawn: str = "all", w_real: float = 0.0, real_tau: float = 300.0) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
-    Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber``,
+    Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber`` (+ the
+    realism term below),
     minimised with ``inner_steps`` Adam steps (fresh optimiser each step, gradient clipped to norm
     ``grad_clip`` per sample, or with ``grad_norm="unit"`` rescaled to norm ``grad_clip`` whatever its
     size, lr decaying linearly over the trajectory; a sample whose fiber loss is already ``<= fiber_tol``
@@ -76,10 +79,17 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     sample whose x0_hat after the previous step has fiber loss <= skip_tol (one extractor pass decides);
     ``exit_tol`` > 0 ends a sample's inner loop at the first evaluation with loss <= exit_tol, and the step
     reuses that evaluation (:func:`.control.optimise_control`). Evaluation counts are per output sample.
+
+    ``w_real`` > 0 adds a realism term to the cost after the particle phase: ``w_real ||x0_hat - sg(D(x0_hat
+    noised to real_tau))||^2``, the prior's own denoising residual (:func:`.control.realism_residual`; one more
+    denoiser forward per inner evaluation, no backward). Guidance towards a small fiber (a CLIP tower's) can reach
+    it through grain the prior would never draw; the residual is several times larger on such images than on
+    clean ones, so the term steers the control to a realistic route. The particle phase does without it: its
+    x0_hat is still blurry, and the layout it chooses is judged by the fiber loss alone.
     """
     n_steps = len(sched)
     ctrl = Control(inner_steps, w_ctrl, w_score, w_term, control_init, grad_clip, grad_norm, fiber_tol, adam_eps,
-                   exit_tol)
+                   exit_tol, w_real, real_tau)
 
     def lr_at(i: int) -> float:
         return lr * (1.0 - i / n_steps) if lr_decay == "linear" else lr
@@ -100,13 +110,16 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
             if rep:  # time travel: back to t from the state just reached at s
                 x = problem.prior.renoise(x, s, t, problem.noise.draw())
             loss, kept = None, None
-            if g > 0 and inner_steps > 0 and rate > 0 and bool(problem.live().any()):
+            guided = g > 0 and inner_steps > 0 and rate > 0
+            # the realism term's noise: one draw per guided step for every sample, whatever the batch does
+            real_noise = problem.noise.draw() if guided and w_real > 0 else None
+            if guided and bool(problem.live().any()):
                 h = problem.target_at(t, target)
                 if last is None:
-                    u, loss, kept = optimise_control(problem, x, u, t, g, h, rate, i, ctrl)
+                    u, loss, kept = optimise_control(problem, x, u, t, g, h, rate, i, ctrl, real_noise)
                 else:  # samples already on the fiber skip the inner loop
                     rows = problem.live() & ~(last <= skip_tol)
-                    u, loss, kept = guide_rows(problem, x, u, t, g, h, rate, i, ctrl, rows)
+                    u, loss, kept = guide_rows(problem, x, u, t, g, h, rate, i, ctrl, rows, real_noise)
             u[~problem.live()] = 0  # given up: unguided from here on
             x, x0 = controlled_step(problem, x, u, g, t, s, eta, i, kept)
             if skip_tol > 0:

@@ -126,7 +126,7 @@ def run_phase(problem: FiberProblem, pp: FiberProblem, st: Swarm, sched, steerin
     """Steps 0, 1, ... while tau >= ``until_tau`` for the live particles of ``st`` (updated in place); returns the
     first step after the phase. ``quiet``: a second pass, which records and reports nothing."""
     M, K = st.m, st.k
-    pctrl = replace(ctrl, inner_steps=steering.inner_steps, grad_norm=steering.grad_norm)
+    pctrl = replace(ctrl, inner_steps=steering.inner_steps, grad_norm=steering.grad_norm, w_real=0.0)
     i = 0
     for i in progress(len(sched), disable):
         t, s, tau = sched.times[i], sched.times[i + 1], float(sched.taus[i])
