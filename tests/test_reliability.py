@@ -668,11 +668,12 @@ def test_simulated_oom_in_the_extractor_splits_and_other_errors_are_not_retried(
 
 
 def test_simulated_oom_in_the_particle_draw_splits_the_batch_and_reproduces_the_smaller_one(prior_fm, shape_resnet):
-    """The toy preset with its 6 particles per sample spawned at once: a batch of 4 runs 24 rows through the
+    """The toy preset with 6 particles per sample spawned at once: a batch of 4 runs 24 rows through the
     extractor. An OOM above 12 rows halves the batch once, and the result is that of batch_size=2 bit for bit."""
     ref, _ = fb.toy.references(1, seed=23)
-    kw = dict(n=4, method="ndtm", preset="toy", steps=8, seed=0, progress=False, batch_size=4, particle_spawn="all")
-    k = 6  # the toy preset's particles
+    k = 6
+    kw = dict(n=4, method="ndtm", preset="toy", steps=8, seed=0, progress=False, batch_size=4, particle_spawn="all",
+              particles=k)
     expected = sample_fiber(prior_fm, shape_resnet, ref, **{**kw, "batch_size": 2})
     seen = []
 
