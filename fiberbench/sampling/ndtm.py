@@ -80,12 +80,8 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     ``exit_tol`` > 0 ends a sample's inner loop at the first evaluation with loss <= exit_tol, and the step
     reuses that evaluation (:func:`.control.optimise_control`). Evaluation counts are per output sample.
 
-    ``w_real`` > 0 adds a realism term to the cost after the particle phase: ``w_real ||x0_hat - sg(D(x0_hat
-    noised to real_tau))||^2``, the prior's own denoising residual (:func:`.control.realism_residual`; one more
-    denoiser forward per inner evaluation, no backward). Guidance towards a small fiber (a CLIP tower's) can reach
-    it through grain the prior would never draw; the residual is several times larger on such images than on
-    clean ones, so the term steers the control to a realistic route. The particle phase does without it: its
-    x0_hat is still blurry, and the layout it chooses is judged by the fiber loss alone.
+    ``w_real`` > 0 adds ``w_real ||x0_hat - sg(D(x0_hat noised to real_tau))||^2`` after the particle phase: the
+    prior's denoising residual, large on grain that reaches a small fiber (:func:`.control.realism_residual`).
     """
     n_steps = len(sched)
     ctrl = Control(inner_steps, w_ctrl, w_score, w_term, control_init, grad_clip, grad_norm, fiber_tol, adam_eps,
@@ -109,17 +105,8 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
         for rep in range(reps):
             if rep:  # time travel: back to t from the state just reached at s
                 x = problem.prior.renoise(x, s, t, problem.noise.draw())
-            loss, kept = None, None
-            guided = g > 0 and inner_steps > 0 and rate > 0
-            # the realism term's noise: one draw per guided step for every sample, whatever the batch does
-            real_noise = problem.noise.draw() if guided and w_real > 0 else None
-            if guided and bool(problem.live().any()):
-                h = problem.target_at(t, target)
-                if last is None:
-                    u, loss, kept = optimise_control(problem, x, u, t, g, h, rate, i, ctrl, real_noise)
-                else:  # samples already on the fiber skip the inner loop
-                    rows = problem.live() & ~(last <= skip_tol)
-                    u, loss, kept = guide_rows(problem, x, u, t, g, h, rate, i, ctrl, rows, real_noise)
+            skip = None if last is None else last <= skip_tol  # samples already on the fiber skip the inner loop
+            u, loss, kept = guide_step(problem, x, u, t, g, rate, i, ctrl, target, skip)
             u[~problem.live()] = 0  # given up: unguided from here on
             x, x0 = controlled_step(problem, x, u, g, t, s, eta, i, kept)
             if skip_tol > 0:
@@ -127,6 +114,23 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
         problem.record(loss, x0)
         report(callback, i, t, x, x0, problem, loss)
     return x0
+
+
+def guide_step(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t, g: float, rate: float, i: int,
+               ctrl: Control, target: str,
+               skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Kept | None]:
+    """One step's control: the inner loop for the live samples not in ``skip`` (``[M]`` bool, ``None``: none
+    skip). Returns ``(u, loss or None, kept or None)``; ``u`` unchanged when the step is not guided."""
+    if not (g > 0 and ctrl.inner_steps > 0 and rate > 0):
+        return u, None, None
+    # the realism term's noise: one draw per guided step for every sample, whatever the batch does
+    real_noise = problem.noise.draw() if ctrl.w_real > 0 else None
+    if not bool(problem.live().any()):
+        return u, None, None
+    h = problem.target_at(t, target)
+    if skip is None:
+        return optimise_control(problem, x, u, t, g, h, rate, i, ctrl, real_noise)
+    return guide_rows(problem, x, u, t, g, h, rate, i, ctrl, problem.live() & ~skip, real_noise)
 
 
 @torch.no_grad()
