@@ -212,7 +212,7 @@ def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) 
     counts["prior_forward"] = executed if method == "ndtm" else executed - guided
     if method == "ndtm" and hp["w_score"]:
         counts["prior_forward"] += guided
-    if method == "ndtm" and hp.get("w_real"):  # the realism term's denoiser forward at every inner step
+    if method == "ndtm" and hp["w_real"]:  # the realism term's denoiser forward at every inner step
         counts["prior_forward"] += guided * inner
     if hp["target"] == "time":
         counts["reference_prior_forward"] = counts["reference_features_forward"] = guided

@@ -70,6 +70,8 @@ def optimise_control(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t,
     control (detached; non-finite rows zeroed), the fiber loss ``[M]`` of each sample's last inner evaluation, and the
     kept evaluations (``None`` without ``exit_tol``).
     """
+    if ctrl.w_real and real_noise is None:
+        raise ValueError("w_real > 0 needs the step's real_noise (drawn by the caller once per guided step)")
     eps_base = None
     if ctrl.w_score:
         with torch.no_grad():
