@@ -649,6 +649,40 @@ def test_lazy_particles_spawn_the_others_only_for_samples_off_the_fiber(gaussian
     mixed = batched.config["denoiser_evals_per_sample"]
     assert 3 * n_part + 4 * (10 - n_part) < mixed < 9 * n_part + 4 * (10 - n_part)  # some retried, some did not
     assert torch.allclose(alone.latents, batched.latents, atol=1e-4)
+    # the evaluations per sample are the mean over samples, whatever the chunks: 12 chunks of one give the same
+    assert alone.config["denoiser_evals_per_sample"] == pytest.approx(mixed)
+
+
+def test_branches_retry_only_samples_off_the_fiber(gaussian_problem):
+    """branches K: a sample whose fiber loss exceeds branch_tol at the first step below branch_tau gets K - 1 more
+    trajectories from its state (stochastic steps set them apart) until the state is below branch_until, and keeps
+    the one whose x0_hat has the lowest loss. No sample off the fiber: the plain run bit for bit, at one extractor
+    pass more (the decision). Every sample off it: each branched step costs K times its plain evaluations, the
+    final fiber loss drops, and a sample is the same alone as in its batch."""
+    mu, std, A, x_ref = gaussian_problem
+    prior, ext = GaussianPrior(mu, std, "flow"), LinearExtractor(A)
+    # weak guidance (one inner step at a small lr), so that the samples end off the fiber and the tries differ
+    kw = dict(n=16, steps=10, loss="cosine", progress=False, batch_size=16, seed=7,
+              **{**_KEY_NDTM, "lr": 0.02, "inner_steps": 1, "fiber_tol": 0.0})
+    plain = sample_fiber(prior, ext, (x_ref + 1) / 2, **kw)
+    none = sample_fiber(prior, ext, (x_ref + 1) / 2, branches=4, branch_tol=10.0, **kw)
+    assert torch.equal(none.latents, plain.latents)
+    assert none.config["denoiser_evals_per_sample"] == plain.config["denoiser_evals_per_sample"]
+    assert none.config["extractor_evals_per_sample"] == plain.config["extractor_evals_per_sample"] + 1
+    # branched to the end: each sample keeps the best of four finishes
+    every = sample_fiber(prior, ext, (x_ref + 1) / 2, branches=4, branch_tol=0.0, branch_until=1.0, **kw)
+    taus = [float(t) for t in prior.schedule(10).taus]
+    first = next(i for i in range(10) if taus[i] < 600)
+    last = 9
+    n_br = last - first + 1  # steps run by the branches, all guided (gamma 1 below tau 900)
+    assert every.config["denoiser_evals_per_sample"] == pytest.approx(
+        plain.config["denoiser_evals_per_sample"] + 3 * n_br * 2)  # 3 branches x (1 inner + 1 step)
+    assert every.config["extractor_evals_per_sample"] == pytest.approx(
+        plain.config["extractor_evals_per_sample"] + 1 + 3 * n_br + 4)  # decision, inner steps, the draw
+    assert float((1 - every.cosine).mean()) < 0.8 * float((1 - plain.cosine).mean())
+    alone = sample_fiber(prior, ext, (x_ref + 1) / 2, branches=4, branch_tol=0.0, branch_until=1.0,
+                         **{**kw, "batch_size": 1})
+    assert torch.allclose(alone.latents, every.latents, atol=1e-4)
 
 
 def test_realism_term_costs_one_denoiser_forward_per_inner_evaluation(gaussian_problem):

@@ -181,9 +181,9 @@ def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) 
     forward (plus one for ``w_score``, and one per inner step for ``w_real``); DPS: a guided step is one prior and
     feature forward+backward, the others one prior forward; a time-dependent target costs one reference prior and
     feature forward per guided step; unguided: one prior forward per step; metamer: one extractor forward+backward per
-    iteration. ``None`` too for an adaptive NDTM run (``particles > 1``, ``skip_tol``, ``early_draw_tol`` or
-    ``exit_tol``): which rows it guides depends on the data, so it has no fixed floor; its row reports the evaluations
-    it counted.
+    iteration. ``None`` too for an adaptive NDTM run (``particles`` or ``branches`` > 1, ``skip_tol``,
+    ``early_draw_tol`` or ``exit_tol``): which rows it guides depends on the data, so it has no fixed floor; its row
+    reports the evaluations it counted.
     """
     if method == "ndtm" and adaptive(hp):
         return None
@@ -220,9 +220,10 @@ def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) 
 
 
 def adaptive(hp: dict[str, Any]) -> bool:
-    """Whether NDTM hyper-parameters ``hp`` make the network calls data-dependent (particles, skips, exits)."""
-    return (int(hp.get("particles", 1)) > 1 or bool(hp.get("skip_tol")) or bool(hp.get("early_draw_tol"))
-            or bool(hp.get("exit_tol")))
+    """Whether NDTM hyper-parameters ``hp`` make the network calls data-dependent (particles, branches, skips,
+    exits)."""
+    return (int(hp.get("particles", 1)) > 1 or int(hp.get("branches", 1)) > 1 or bool(hp.get("skip_tol"))
+            or bool(hp.get("early_draw_tol")) or bool(hp.get("exit_tol")))
 
 
 def expected_evals(counts: dict[str, int]) -> dict[str, int]:

@@ -12,14 +12,15 @@ import torch
 from .base import progress, register_sampler, report
 from .control import Control, Kept, controlled_step, guide_rows, optimise_control
 from .problem import FiberProblem, gamma_at
-from .steering import Steering, steer_particles
+from .steering import Branching, Steering, steer_particles
 
 NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_score=0.0, w_term=1.0,
                      gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=0.0, target="fixed", control_init="zero",
                      grad_clip=1.0, grad_norm="clip", fiber_tol=0.0, adam_eps=1e-4, recurrence=1,
                      recurrence_tau=500.0, particles=1, particle_tau=600.0, particle_inner_steps=2,
                      particle_grad_norm="unit", particle_lambda=20.0, early_draw_tol=0.0, skip_tol=0.0,
-                     exit_tol=0.0, particle_spawn="all", w_real=0.0, real_tau=300.0)
+                     exit_tol=0.0, particle_spawn="all", w_real=0.0, real_tau=300.0, branches=1, branch_tau=600.0,
+                     branch_until=300.0, branch_tol=0.02)
 PARTICLE_RULES = {
     "particles": dict(kind="int", lo=1, hi=256),
     "particle_tau": dict(kind="real", lo=0.0, hi=1000.0),
@@ -32,6 +33,10 @@ PARTICLE_RULES = {
     "particle_spawn": dict(kind="choice", choices=("all", "lazy")),
     "w_real": dict(kind="real", lo=0.0),
     "real_tau": dict(kind="real", lo=0.0, hi=1000.0, open_lo=True),
+    "branches": dict(kind="int", lo=1, hi=256),
+    "branch_tau": dict(kind="real", lo=0.0, hi=1000.0),
+    "branch_until": dict(kind="real", lo=0.0, hi=1000.0),
+    "branch_tol": dict(kind="real", lo=0.0),
 }
 
 
@@ -44,27 +49,23 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                 recurrence_tau: float = 500.0, particles: int = 1, particle_tau: float = 600.0,
                 particle_inner_steps: int = 2, particle_grad_norm: str = "unit", particle_lambda: float = 20.0,
                 early_draw_tol: float = 0.0, skip_tol: float = 0.0, exit_tol: float = 0.0,
-                particle_spawn: str = "all", w_real: float = 0.0, real_tau: float = 300.0) -> torch.Tensor:
+                particle_spawn: str = "all", w_real: float = 0.0, real_tau: float = 300.0, branches: int = 1,
+                branch_tau: float = 600.0, branch_until: float = 300.0, branch_tol: float = 0.02) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber`` (+ the
-    realism term below),
-    minimised with ``inner_steps`` Adam steps (fresh optimiser each step, gradient clipped to norm
-    ``grad_clip`` per sample, or with ``grad_norm="unit"`` rescaled to norm ``grad_clip`` whatever its
+    realism term below), minimised with ``inner_steps`` Adam steps (fresh optimiser each step, gradient clipped
+    to norm ``grad_clip`` per sample, or with ``grad_norm="unit"`` rescaled to norm ``grad_clip`` whatever its
     size, lr decaying linearly over the trajectory; a sample whose fiber loss is already ``<= fiber_tol``
     gets a zero gradient for that inner step, so unit norm does not keep pushing it); then a DDIM step (``eta``)
-    from the controlled state. Adam's first step is ``lr * sign(g)``: components whose gradient is
-    float noise move as much as real ones, which makes results depend on batch size through
-    round-off; ``adam_eps`` well above that noise (e.g. 1e-4 with unit-norm gradients) damps them.
-    ``control_init="zero"`` restarts u at 0 (the paper's); ``"warm"`` starts from the previous
-    step's control.
+    from the controlled state. Adam's first step is ``lr * sign(g)``: components whose gradient is float noise
+    move as much as real ones, which makes results depend on batch size through round-off; ``adam_eps`` well
+    above that noise (e.g. 1e-4 with unit-norm gradients) damps them. ``control_init="zero"`` restarts u at 0
+    (the paper's); ``"warm"`` starts from the previous step's control.
 
-    Faults, per sample: a non-finite cost or gradient sends that sample's control back to its last
-    iterate with a finite cost and gradient (0 if there was none this step), resets its Adam state and
-    halves its lr for the rest of this step's inner loop; the next inner step retries from there (the
-    next denoising step starts at the full lr again). A non-finite next state redoes that step unguided
-    for the sample. A fault after ``MAX_HALVINGS`` halvings in a row (no finite evaluation between
-    them) gives up: the sample's control stays 0 (unguided) to the end.
+    Faults, per sample: a non-finite cost or gradient sends the control back to its last finite iterate with a
+    fresh Adam state and half the lr for the rest of this inner loop (:func:`.optim.guard`); a non-finite next
+    state redoes the step unguided; after ``MAX_HALVINGS`` halvings in a row the sample finishes unguided.
 
     ``recurrence`` r > 1 repeats every guided step at tau >= ``recurrence_tau`` r times: the state reached at s
     is forward-diffused back to t (:meth:`Prior.renoise`, fresh noise) and the step redone ("time travel",
@@ -82,6 +83,10 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
 
     ``w_real`` > 0 adds ``w_real ||x0_hat - sg(D(x0_hat noised to real_tau))||^2`` after the particle phase: the
     prior's denoising residual, large on grain that reaches a small fiber (:func:`.control.realism_residual`).
+
+    ``branches`` K > 1: a sample still off the fiber (loss > ``branch_tol``) at the first step below ``branch_tau``
+    gets K - 1 more trajectories from there to ``branch_until`` and keeps the one with the lowest fiber loss
+    (:class:`.steering.Branching`); samples on the fiber are untouched, bit for bit.
     """
     n_steps = len(sched)
     ctrl = Control(inner_steps, w_ctrl, w_score, w_term, control_init, grad_clip, grad_norm, fiber_tol, adam_eps,
@@ -98,22 +103,38 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                                              target=target, callback=callback, disable=disable)
         last = last if skip_tol > 0 else None
     u = torch.zeros_like(x)
+    fork = Branching(branches, branch_tau, branch_until, branch_tol) if branches > 1 else None
     for i in progress(n_steps, disable, start):
         t, s = sched.times[i], sched.times[i + 1]
         g, rate = gamma_at(gamma, float(sched.taus[i])), lr_at(i)
+        if fork is not None:  # the samples still off the fiber get branches - 1 more tries from here
+            fork.start(problem, float(sched.taus[i]), x, u, x0, last, lambda: on_fiber_loss(problem, x0))
         reps = int(recurrence) if g > 0 and float(sched.taus[i]) >= recurrence_tau else 1
         for rep in range(reps):
             if rep:  # time travel: back to t from the state just reached at s
                 x = problem.prior.renoise(x, s, t, problem.noise.draw())
-            skip = None if last is None else last <= skip_tol  # samples already on the fiber skip the inner loop
-            u, loss, kept = guide_step(problem, x, u, t, g, rate, i, ctrl, target, skip)
-            u[~problem.live()] = 0  # given up: unguided from here on
-            x, x0 = controlled_step(problem, x, u, g, t, s, eta, i, kept)
-            if skip_tol > 0:
-                last = on_fiber_loss(problem, x0, kept if target == "fixed" else None, loss)
+            x, u, x0, loss, last = ndtm_step(problem, x, u, last, t, s, g, rate, i, ctrl, target, eta, skip_tol)
+        if fork is not None:
+            x, u, x0, last = fork.after(problem, float(sched.taus[i + 1]), i == n_steps - 1, x, u, x0, last,
+                                        lambda pp, xb, ub: guide_step(pp, xb, ub, t, g, rate, i, ctrl, target, None),
+                                        lambda pp, xb, ub, kb: controlled_step(pp, xb, ub, g, t, s, eta, i, kb))
         problem.record(loss, x0)
         report(callback, i, t, x, x0, problem, loss)
     return x0
+
+
+def ndtm_step(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, last: torch.Tensor | None, t, s, g: float,
+              rate: float, i: int, ctrl: Control, target: str, eta: float, skip_tol: float):
+    """One guided denoising step from ``t`` to ``s``: the control, then the prior's step out of the controlled state.
+    ``last``: x0_hat's fiber loss ``[M]`` after the previous step (``None`` without ``skip_tol``). Returns
+    ``(x_s, u, x0_hat, loss of the inner loop or None, last)``."""
+    skip = None if last is None else last <= skip_tol  # samples already on the fiber skip the inner loop
+    u, loss, kept = guide_step(problem, x, u, t, g, rate, i, ctrl, target, skip)
+    u[~problem.live()] = 0  # given up: unguided from here on
+    x, x0 = controlled_step(problem, x, u, g, t, s, eta, i, kept)
+    if skip_tol > 0:
+        last = on_fiber_loss(problem, x0, kept if target == "fixed" else None, loss)
+    return x, u, x0, loss, last
 
 
 def guide_step(problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, t, g: float, rate: float, i: int,

@@ -76,6 +76,13 @@ class NoiseSource:
         """Uniform noise on [0, 1) ``[M, *shape]``, one row from each sample's generator."""
         return torch.stack([torch.rand(shape, generator=g) for g in self.gens]).to(self.device, self.dtype)
 
+    def subset(self, idx: torch.Tensor) -> NoiseSource:
+        """The samples ``idx`` ``[P]``: a source drawing from their generators only (shared, not copied), so the
+        other samples' streams do not advance."""
+        sub = NoiseSource([], self.shape, self.device, self.dtype)
+        sub.gens = [self.gens[int(i)] for i in idx.tolist()]
+        return sub
+
 
 class RowNoise:
     """The noise of some rows of a problem: every draw is taken from *all* of ``base``'s generators (so each
@@ -90,6 +97,10 @@ class RowNoise:
 
     def uniform(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self.base.uniform(shape)[self.idx.to(self.base.device)]
+
+    def subset(self, idx: torch.Tensor) -> Any:
+        """The rows ``idx`` of these rows, drawing from their generators only (see :meth:`NoiseSource.subset`)."""
+        return self.base.subset(self.idx.to(idx.device)[idx])
 
     @property
     def device(self):

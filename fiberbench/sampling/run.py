@@ -307,7 +307,7 @@ class Outputs:
     updates: torch.Tensor
     histories: list[torch.Tensor | None]
     trajectories: list[torch.Tensor | None]
-    calls: dict[str, int] = field(default_factory=lambda: {"denoiser": 0, "extractor": 0})
+    calls: dict[str, float] = field(default_factory=lambda: {"denoiser": 0.0, "extractor": 0.0})  # per sample
     seconds: float = 0.0
     batch_size: int = 0
 
@@ -366,8 +366,8 @@ def run_chunk(run: Run, rows: list[int], out: Outputs, callback, return_trajecto
         out.histories[r] = None if hist is None else hist[:, k]
         if problem.trajectory:
             out.trajectories[r] = torch.stack([tr[k] for tr in problem.trajectory])
-    for k in out.calls:
-        out.calls[k] = max(out.calls[k], problem.calls[k])
+    for k in out.calls:  # a chunk's calls are per sample of the chunk: weigh them by its share of the rows
+        out.calls[k] += problem.calls[k] * len(rows) / run.total
 
 
 def start_problem(run: Run, rows: list[int], return_trajectory: bool) -> tuple[FiberProblem, torch.Tensor, Any]:

@@ -171,3 +171,97 @@ def particle_losses(pp: FiberProblem, x0: torch.Tensor, alive: torch.Tensor) -> 
     pp.merge(sub)
     out[idx] = torch.where(torch.isfinite(cur), cur, torch.full_like(cur, WORST_LOSS))
     return out
+
+
+class Branches:
+    """Late branching: ``k - 1`` extra trajectories for each sample still off the fiber at a mid-noise step.
+
+    The branches start from the sample's state and differ by the prior's step noise (eta > 0); they are stepped
+    beside the main batch with the same control, and :meth:`draw` keeps, per branched sample, the trajectory whose
+    x0_hat has the lowest fiber loss. Samples on the fiber cost nothing.
+    """
+
+    def __init__(self, problem: FiberProblem, x: torch.Tensor, u: torch.Tensor, x0: torch.Tensor, off: torch.Tensor,
+                 k: int):
+        self.k, self.off = int(k), off.clone()
+        self.idx = off.nonzero().flatten()
+        src = self.idx.repeat_interleave(self.k - 1)
+        # the branches draw from the branched samples' generators only: a sample that does not branch keeps
+        # exactly the trajectory it has without branching, and one that does is the same alone or in any batch
+        noise = ParticleNoise(problem.noise.subset(self.idx), self.k - 1) if src.numel() else None
+        self.pp = problem.rows(src, noise=noise) if src.numel() else None
+        self.x, self.u, self.x0 = x[src].clone(), u[src].clone(), x0[src].clone()
+
+    def step(self, guide: Callable, advance: Callable) -> None:
+        """One denoising step of every branch: ``guide(pp, x, u) -> (u, loss, kept)``, ``advance(pp, x, u, kept) ->
+        (x, x0)`` on the branches' problem."""
+        if self.pp is None:
+            return
+        self.u, _, kept = guide(self.pp, self.x, self.u)
+        self.u[~self.pp.live()] = 0
+        self.x, self.x0 = advance(self.pp, self.x, self.u, kept)
+
+    @torch.no_grad()
+    def draw(self, problem: FiberProblem, x: torch.Tensor, u: torch.Tensor,
+             x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per branched sample the lowest-loss of its ``k`` trajectories: ``(x, u, x0, loss [M])`` (loss inf where
+        not branched)."""
+        best = torch.full((x.shape[0],), float("inf"), device=x.device)
+        if self.pp is None:
+            return x, u, x0, best
+        n = self.idx.numel()
+        sub = problem.rows(self.idx)
+        main = sub.loss(x0[self.idx], sub.target)
+        problem.merge(sub)
+        extra = self.pp.loss(self.x0, self.pp.target)
+        losses = torch.cat([main.view(n, 1), extra.view(n, self.k - 1)], 1)
+        losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
+        j = losses.argmin(1)
+        best[self.idx] = losses.min(1).values
+        problem.merge(self.pp)  # every branch's calls
+        took = j > 0
+        if bool(took.any()):
+            pick = (j[took] - 1) + torch.arange(n, device=j.device)[took] * (self.k - 1)
+            rows = self.idx[took]
+            x, u, x0 = x.clone(), u.clone(), x0.clone()
+            x[rows], u[rows], x0[rows] = self.x[pick], self.u[pick], self.x0[pick]
+            problem.merge(self.pp.rows(pick), rows)  # the kept branch's fault record
+        return x, u, x0, best
+
+
+@dataclass
+class Branching:
+    """When to branch and draw (see :class:`Branches`): ``k`` trajectories per sample off the fiber (loss >
+    ``tol``) at the first step with tau < ``from_tau``, drawn among once the state's tau is below ``until_tau``."""
+
+    k: int
+    from_tau: float
+    until_tau: float
+    tol: float
+    live: Branches | None = None
+    started: bool = False
+
+    def start(self, problem: FiberProblem, tau: float, x: torch.Tensor, u: torch.Tensor, x0: torch.Tensor,
+              last: torch.Tensor | None, loss_now: Callable[[], torch.Tensor]) -> None:
+        """Before the step at ``tau``: branch, once, the samples whose loss (``last``, else ``loss_now()``) is
+        above ``tol``."""
+        if self.started or tau >= self.from_tau:
+            return
+        self.started = True
+        self.live = Branches(problem, x, u, x0, (last if last is not None else loss_now()) > self.tol, self.k)
+
+    def after(self, problem: FiberProblem, tau_next: float, final: bool, x: torch.Tensor, u: torch.Tensor,
+              x0: torch.Tensor, last: torch.Tensor | None, guide: Callable,
+              advance: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """After the main step to ``tau_next``: the same step for the branches, and the draw once ``tau_next <
+        until_tau`` (or at the ``final`` step). Returns ``(x, u, x0, last)`` with the drawn trajectories."""
+        if self.live is None:
+            return x, u, x0, last
+        self.live.step(guide, advance)
+        if tau_next >= self.until_tau and not final:
+            return x, u, x0, last
+        br, self.live = self.live, None
+        x, u, x0, best = br.draw(problem, x, u, x0)
+        if last is not None:
+            last = torch.where(br.off, torch.minimum(last, best), last)
+        return x, u, x0, last
