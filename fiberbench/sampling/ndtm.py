@@ -165,7 +165,5 @@ def on_fiber_loss(problem: FiberProblem, x0: torch.Tensor, kept: Kept | None = N
         out = loss.detach().clone()
         idx = (~kept.rows).nonzero().flatten()
         if idx.numel():
-            sub = problem.rows(idx)
-            out[idx] = sub.loss(x0[idx], sub.target)
-            problem.merge(sub)
+            out[idx] = problem.rows_loss(x0[idx], idx)
     return torch.where(torch.isfinite(out), out, torch.full_like(out, float("inf")))

@@ -396,6 +396,14 @@ class FiberProblem:
         """Per-sample fiber loss ``[M]`` of prior-space x0."""
         return fiber_distance(self.features(x0), target, self.metric)
 
+    def rows_loss(self, x0: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Fiber loss ``[P]`` of the x0_hat ``x0`` ``[P,...]`` of rows ``idx`` against their fixed targets; the
+        extractor's calls are counted for those rows only."""
+        sub = self.rows(idx)
+        out = sub.loss(x0, sub.target)
+        self.merge(sub)
+        return out
+
     def record(self, loss: torch.Tensor | None, x0: torch.Tensor | None = None) -> None:
         """End of a step: its per-sample loss ``[M]`` (NaN where none was computed) and, when a trajectory is
         kept, the decoded x0_hat."""

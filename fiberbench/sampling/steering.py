@@ -166,9 +166,7 @@ def particle_losses(pp: FiberProblem, x0: torch.Tensor, alive: torch.Tensor) -> 
     ones), one extractor pass over the live rows."""
     out = torch.full((x0.shape[0],), WORST_LOSS, device=x0.device)
     idx = alive.nonzero().flatten()
-    sub = pp.rows(idx)
-    cur = sub.loss(x0[idx], sub.target)
-    pp.merge(sub)
+    cur = pp.rows_loss(x0[idx], idx)
     out[idx] = torch.where(torch.isfinite(cur), cur, torch.full_like(cur, WORST_LOSS))
     return out
 
@@ -210,9 +208,7 @@ class Branches:
         if self.pp is None:
             return x, u, x0, best
         n = self.idx.numel()
-        sub = problem.rows(self.idx)
-        main = sub.loss(x0[self.idx], sub.target)
-        problem.merge(sub)
+        main = problem.rows_loss(x0[self.idx], self.idx)
         extra = self.pp.loss(self.x0, self.pp.target)
         losses = torch.cat([main.view(n, 1), extra.view(n, self.k - 1)], 1)
         losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
