@@ -33,8 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # only for samples it did not bring to the fiber (a classifier's easy fiber then costs one trajectory). After the
     # draw a realism term (w_real: the prior's denoising residual of x0_hat at tau 300) keeps the guidance from
     # reaching small fibers (CLIP and its mixtures) through grain; with it those fibers need more tries at the layout,
-    # hence 12 particles. A sample leaves the inner loop once its loss is <= 0.01 and the prior's step
-    # reuses that evaluation (exit_tol), and skips the inner loop while it stays on the fiber (skip_tol). After the
+    # hence 12 particles. The draw is sharp (particle_lambda 1000: the lowest fiber loss wins): a mixture's loss is
+    # its parts' weighted mean, so its particles differ by a few hundredths, which exp(-20 L) would weigh almost alike.
+    # A sample leaves the inner loop once its loss is <= 0.01 and the prior's step reuses that evaluation
+    # (exit_tol), and skips the inner loop while it stays on the fiber (skip_tol). After the
     # draw 8 inner steps with unit-norm gradients: small continuous fibers (CLIP) converge slowly. eta 1 (stochastic
     # steps) lets the prior wash out the high-frequency residue of Adam's sign-like updates (validity 0.92 against
     # 0.50 with eta 0); adam_eps 1e-3: Adam moves a component whose gradient is round-off by up to lr/eps times it, so
@@ -42,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(steps=20, inner_steps=8, lr=0.1, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="cosine",
                 gamma=[(0, 0, 1000, 900), (1, 1, 900, 0)], eta=1.0, target="fixed", control_init="zero",
                 adam_eps=1e-3, grad_norm="unit", fiber_tol=0.01, particles=12, particle_tau=600.0,
-                particle_inner_steps=2, particle_grad_norm="unit", particle_lambda=20.0, early_draw_tol=0.01,
+                particle_inner_steps=2, particle_grad_norm="unit", particle_lambda=1000.0, early_draw_tol=0.01,
                 skip_tol=0.01, exit_tol=0.01, particle_spawn="lazy", w_real=0.003, real_tau=300.0),
     # one NDTM trajectory per sample (80 network evaluations): a quick look, good on classifier logits (feature
     # match 0.96, validity 0.99 on shape-resnet@logits) and not on embeddings (0.25-0.68)
