@@ -653,6 +653,36 @@ def test_lazy_particles_spawn_the_others_only_for_samples_off_the_fiber(gaussian
     assert alone.config["denoiser_evals_per_sample"] == pytest.approx(mixed)
 
 
+
+def test_particle_retry_adds_particles_only_for_samples_still_off_the_fiber(gaussian_problem):
+    """particle_retry R: a sample whose best of K particles ends the phase above particle_retry_tol gets R more
+    particles from its own generator, drawn among with the K. Tolerance above every loss: the plain run bit for
+    bit, at the same cost. Tolerance 0: every sample runs K + R particles through the phase, and the sharp draw
+    reaches the fiber as well. A mixed batch: the samples not retried are exactly the
+    plain run's, and each sample is the same alone as in the batch."""
+    mu, std, A, x_ref = gaussian_problem
+    prior, ext = GaussianPrior(mu, std, "flow"), LinearExtractor(A)
+    kw = dict(n=12, steps=10, loss="cosine", progress=False, seed=5, preset="none", gamma=[(1, 1, 1000, 0)],
+              lr=0.1, particles=3, particle_tau=500.0, particle_inner_steps=2, inner_steps=3, batch_size=12,
+              particle_lambda=1e6, eta=1.0, adam_eps=1e-2)
+    n_part = int((prior.schedule(10).taus[:-1] >= 500).sum())
+    plain = sample_fiber(prior, ext, (x_ref + 1) / 2, **kw)
+    none = sample_fiber(prior, ext, (x_ref + 1) / 2, particle_retry=3, particle_retry_tol=10.0, **kw)
+    assert torch.equal(none.latents, plain.latents)
+    assert none.config["denoiser_evals_per_sample"] == plain.config["denoiser_evals_per_sample"]
+    every = sample_fiber(prior, ext, (x_ref + 1) / 2, particle_retry=3, particle_retry_tol=0.0, **kw)
+    assert every.config["denoiser_evals_per_sample"] == pytest.approx(18 * n_part + 4 * (10 - n_part))
+    assert every.config["extractor_evals_per_sample"] == pytest.approx(18 * n_part + 3 * (10 - n_part))
+    assert float(every.cosine.min()) > 0.98
+    # the heaviest particle's loss at the phase's last step splits the samples into retried and not
+    tol = float(plain.loss_history[n_part - 1].median())
+    mixed = sample_fiber(prior, ext, (x_ref + 1) / 2, particle_retry=3, particle_retry_tol=tol, **kw)
+    same = (mixed.latents - plain.latents).flatten(1).abs().amax(1) == 0
+    assert 0 < int(same.sum()) < 12
+    alone = sample_fiber(prior, ext, (x_ref + 1) / 2, particle_retry=3, particle_retry_tol=tol,
+                         **{**kw, "batch_size": 1})
+    assert torch.allclose(alone.latents, mixed.latents, atol=1e-4)
+
 def test_branches_retry_only_samples_off_the_fiber(gaussian_problem):
     """branches K: a sample whose fiber loss exceeds branch_tol at the first step below branch_tau gets K - 1 more
     trajectories from its state (stochastic steps set them apart) until the state is below branch_until, and keeps

@@ -20,7 +20,7 @@ NDTM_DEFAULTS = dict(inner_steps=4, lr=0.05, lr_decay="linear", w_ctrl=0.0, w_sc
                      recurrence_tau=500.0, particles=1, particle_tau=600.0, particle_inner_steps=2,
                      particle_grad_norm="unit", particle_lambda=20.0, early_draw_tol=0.0, skip_tol=0.0,
                      exit_tol=0.0, particle_spawn="all", w_real=0.0, real_tau=300.0, branches=1, branch_tau=600.0,
-                     branch_until=300.0, branch_tol=0.02)
+                     branch_until=300.0, branch_tol=0.02, particle_retry=0, particle_retry_tol=0.05)
 PARTICLE_RULES = {
     "particles": dict(kind="int", lo=1, hi=256),
     "particle_tau": dict(kind="real", lo=0.0, hi=1000.0),
@@ -37,6 +37,8 @@ PARTICLE_RULES = {
     "branch_tau": dict(kind="real", lo=0.0, hi=1000.0),
     "branch_until": dict(kind="real", lo=0.0, hi=1000.0),
     "branch_tol": dict(kind="real", lo=0.0),
+    "particle_retry": dict(kind="int", lo=0, hi=256),
+    "particle_retry_tol": dict(kind="real", lo=0.0),
 }
 
 
@@ -50,7 +52,8 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
                 particle_inner_steps: int = 2, particle_grad_norm: str = "unit", particle_lambda: float = 20.0,
                 early_draw_tol: float = 0.0, skip_tol: float = 0.0, exit_tol: float = 0.0,
                 particle_spawn: str = "all", w_real: float = 0.0, real_tau: float = 300.0, branches: int = 1,
-                branch_tau: float = 600.0, branch_until: float = 300.0, branch_tol: float = 0.02) -> torch.Tensor:
+                branch_tau: float = 600.0, branch_until: float = 300.0, branch_tol: float = 0.02,
+                particle_retry: int = 0, particle_retry_tol: float = 0.05) -> torch.Tensor:
     """NDTM: at every step optimise a control u so that x0_hat(x_t + gamma_t u) lies in the fiber.
 
     Cost ``C = w_ctrl ||gamma u||^2 + w_score ||eps(x_t) - eps(x_t + gamma u)||^2 + w_term L_fiber`` (+ the
@@ -76,7 +79,9 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     with weight ``exp(-particle_lambda * L(x0_hat))`` (``early_draw_tol`` > 0: as soon as one particle of a
     sample has L <= early_draw_tol) and continues as above (:mod:`.steering`: K tries at the coarse layout,
     which NDTM alone gets wrong on embeddings); ``particle_spawn="lazy"`` runs the other K - 1 only for samples
-    whose first particle ends the phase off the fiber. Adaptive work: ``skip_tol`` > 0 skips the inner loop of a
+    whose first particle ends the phase off the fiber; ``particle_retry`` R > 0 gives the samples whose best of K
+    still has L > ``particle_retry_tol`` at the end of the phase R more particles, drawn among with the K (the
+    other samples are untouched, bit for bit). Adaptive work: ``skip_tol`` > 0 skips the inner loop of a
     sample whose x0_hat after the previous step has fiber loss <= skip_tol (one extractor pass decides);
     ``exit_tol`` > 0 ends a sample's inner loop at the first evaluation with loss <= exit_tol, and the step
     reuses that evaluation (:func:`.control.optimise_control`). Evaluation counts are per output sample.
@@ -98,7 +103,7 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     start, last, x0 = 0, None, x  # last: x0_hat's fiber loss after the previous step, when skip_tol is used
     if particles > 1:
         steering = Steering(particles, particle_tau, particle_inner_steps, particle_grad_norm, particle_lambda,
-                            early_draw_tol, particle_spawn == "lazy")
+                            early_draw_tol, particle_spawn == "lazy", particle_retry, particle_retry_tol)
         x, x0, start, last = steer_particles(problem, sched, steering, ctrl, gamma=gamma, lr_at=lr_at, eta=eta,
                                              target=target, callback=callback, disable=disable)
         last = last if skip_tol > 0 else None

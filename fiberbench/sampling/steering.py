@@ -17,6 +17,10 @@ Algorithm, per sample with its own generator (so a sample is the same alone or i
 3. draw one particle by ``softmax(-lambda L)`` with the sample's own uniform; its state, x0_hat, loss and
    fault record become the sample's. With ``early_draw_tol`` > 0 a sample draws as soon as one of its
    particles has L <= early_draw_tol and its other particles are not evaluated again.
+
+With ``retry`` R > 0 a sample whose best particle still has L > ``retry_tol`` at the end of the phase gets R
+more particles (a second swarm from its own generator, after the first), and the draw is among all K + R: the
+hard references pay for more tries, the others are untouched bit for bit.
 """
 from __future__ import annotations
 
@@ -43,14 +47,20 @@ class Steering:
     lam: float  # the potential's inverse temperature: weight exp(-lam * L(x0_hat))
     early_draw_tol: float  # > 0: draw as soon as a particle is this close to the fiber
     lazy: bool = False  # one particle first; the other K - 1 only for samples it left off the fiber
+    retry: int = 0  # R more particles for the samples whose best of K ends the phase with loss > retry_tol
+    retry_tol: float = 0.05
 
 
 def draw_particles(problem: FiberProblem, logw: torch.Tensor) -> torch.Tensor:
     """Per sample, one particle drawn by ``softmax(logw)`` (``[M,K]``) with the sample's own uniform:
     the rows ``[M]`` (``i*K + k``) of the particle problem."""
     M, K = logw.shape
-    cdf = torch.softmax(logw.double(), dim=1).cumsum(1)
-    cdf[:, -1] = 1.0
+    w = torch.softmax(logw.double(), dim=1)
+    cdf = w.cumsum(1)
+    # from each row's last particle with weight on, the cdf is exactly 1: a dropped particle is never drawn
+    col = torch.arange(K, device=w.device)
+    last = (K - 1) - (w > 0).flip(1).int().argmax(1, keepdim=True)
+    cdf = torch.where(col >= last, torch.ones_like(cdf), cdf)
     u = problem.noise.uniform((1,)).view(M, 1).to(cdf.device, cdf.dtype)
     j = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp(max=K - 1)
     return (j + torch.arange(M, device=cdf.device).view(M, 1) * K).flatten()
@@ -106,10 +116,51 @@ def steer_particles(problem: FiberProblem, sched, steering: Steering, ctrl: Cont
         drew = (st.alive.view(M, K)[:, 1:].sum(1) == 1) & (K > 2)
         st.alive = st.alive | (done & ~drew.repeat_interleave(K))
     logw = (-steering.lam * st.loss).view(M, K).double().masked_fill(~st.alive.view(M, K), float("-inf"))
-    keep = draw_particles(problem, logw)
-    problem.merge(pp)  # every particle's calls
-    problem.merge(pp.rows(keep), torch.arange(M))  # the drawn lineage's fault record
-    return st.xs[keep], st.x0[keep], i, st.loss[keep]
+    more = retry_swarm(problem, st, sched, steering, ctrl, gamma, lr_at, eta, target) if steering.retry else None
+    if more is None:
+        keep = draw_particles(problem, logw)
+        problem.merge(pp)  # every particle's calls
+        problem.merge(pp.rows(keep), torch.arange(M))  # the drawn lineage's fault record
+        return st.xs[keep], st.x0[keep], i, st.loss[keep]
+    idx, pr, sr = more
+    R = steering.retry
+    wide = torch.full((M, K + R), float("-inf"), dtype=logw.dtype, device=logw.device)
+    wide[:, :K] = logw
+    wide[idx.to(wide.device), K:] = (-steering.lam * sr.loss).view(-1, R).double().masked_fill(
+        ~sr.alive.view(-1, R), float("-inf"))
+    j = draw_particles(problem, wide) % (K + R)  # per sample, its column among K + R
+    first = j < K
+    keep = torch.arange(M, device=j.device) * K + j.clamp(max=K - 1)
+    xs, x0, loss = st.xs[keep], st.x0[keep], st.loss[keep]
+    problem.merge(pp)
+    problem.merge(pr)  # every retry particle's calls
+    problem.merge(pp.rows(keep[first]), first.nonzero().flatten())
+    took = (~first).nonzero().flatten()
+    if took.numel():
+        pos = torch.full((M,), -1, dtype=torch.long, device=j.device)
+        pos[idx.to(j.device)] = torch.arange(idx.numel(), device=j.device)
+        rows = pos[took] * R + (j[took] - K)
+        xs[took], x0[took], loss[took] = sr.xs[rows], sr.x0[rows], sr.loss[rows]
+        problem.merge(pr.rows(rows), took)
+    return xs, x0, i, loss
+
+
+def retry_swarm(problem: FiberProblem, st: Swarm, sched, steering: Steering, ctrl: Control, gamma, lr_at: Callable,
+                eta: float, target: str) -> tuple[torch.Tensor, FiberProblem, Swarm] | None:
+    """The retry round: ``steering.retry`` R fresh particles for each sample whose best live particle in ``st``
+    ended the phase with fiber loss > ``retry_tol``, run through the same phase. Their noise comes from those
+    samples' generators only, so the other samples' streams do not advance. Returns ``(idx [P], problem of the
+    P*R particles, their swarm)``, or ``None`` when no sample needs it."""
+    M, K, R = st.m, st.k, steering.retry
+    best = st.loss.view(M, K).masked_fill(~st.alive.view(M, K), float("inf")).min(1).values
+    idx = (best > steering.retry_tol).nonzero().flatten().cpu()
+    if idx.numel() == 0:
+        return None
+    sub = problem.rows(idx, noise=problem.noise.subset(idx))
+    pr = problem.rows(idx.repeat_interleave(R), noise=ParticleNoise(sub.noise, R))
+    sr = Swarm(pr.fresh_start(sched), idx.numel(), R)
+    run_phase(sub, pr, sr, sched, steering, ctrl, gamma, lr_at, eta, target, None, True, quiet=True)
+    return idx, pr, sr
 
 
 class Swarm:
