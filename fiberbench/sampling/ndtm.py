@@ -79,19 +79,16 @@ def sample_ndtm(problem: FiberProblem, x: torch.Tensor, sched, callback=None, di
     with weight ``exp(-particle_lambda * L(x0_hat))`` (``early_draw_tol`` > 0: as soon as one particle of a
     sample has L <= early_draw_tol) and continues as above (:mod:`.steering`: K tries at the coarse layout,
     which NDTM alone gets wrong on embeddings); ``particle_spawn="lazy"`` runs the other K - 1 only for samples
-    whose first particle ends the phase off the fiber; ``particle_retry`` R > 0 gives the samples whose best of K
-    still has L > ``particle_retry_tol`` at the end of the phase R more particles, drawn among with the K (the
-    other samples are untouched, bit for bit). Adaptive work: ``skip_tol`` > 0 skips the inner loop of a
-    sample whose x0_hat after the previous step has fiber loss <= skip_tol (one extractor pass decides);
-    ``exit_tol`` > 0 ends a sample's inner loop at the first evaluation with loss <= exit_tol, and the step
-    reuses that evaluation (:func:`.control.optimise_control`). Evaluation counts are per output sample.
+    whose first particle ends the phase off the fiber; ``particle_retry`` R: R more for samples still above
+    ``particle_retry_tol`` after it. Adaptive work: ``skip_tol`` > 0 skips the inner loop of a sample whose
+    x0_hat after the previous step has loss <= skip_tol; ``exit_tol`` > 0 ends its inner loop at the first evaluation
+    with loss <= exit_tol, and the step reuses it (:func:`.control.optimise_control`). Counts are per output sample.
 
     ``w_real`` > 0 adds ``w_real ||x0_hat - sg(D(x0_hat noised to real_tau))||^2`` after the particle phase: the
     prior's denoising residual, large on grain that reaches a small fiber (:func:`.control.realism_residual`).
 
-    ``branches`` K > 1: a sample still off the fiber (loss > ``branch_tol``) at the first step below ``branch_tau``
-    gets K - 1 more trajectories from there to ``branch_until`` and keeps the one with the lowest fiber loss
-    (:class:`.steering.Branching`); samples on the fiber are untouched, bit for bit.
+    ``branches`` K > 1: a sample off the fiber (loss > ``branch_tol``) at the first step below ``branch_tau`` gets
+    K - 1 more trajectories to ``branch_until``, the lowest loss kept (:class:`.steering.Branching`).
     """
     n_steps = len(sched)
     ctrl = Control(inner_steps, w_ctrl, w_score, w_term, control_init, grad_clip, grad_norm, fiber_tol, adam_eps,
