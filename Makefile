@@ -1,4 +1,5 @@
-# Two commands do all set-up on a fresh machine with Python 3.11 and pip:
+# Two commands do all set-up on a fresh machine with Python 3.11 and pip
+# (--no-cache-dir: the stack is ~6 GB and a wheel cache would double the disk it needs):
 #   make demo   - create .venv, install fiberbench with its extras, run the main job
 #   make test   - same install, then the whole test suite
 PY ?= python3
@@ -11,8 +12,8 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install -q --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
