@@ -157,7 +157,7 @@ def test_profile_gives_bit_identical_samples_and_counts_every_call(prior_fm, sha
 
 
 def test_profile_of_the_particle_preset_is_bit_identical_and_counts_the_particles(prior_fm, shape_resnet):
-    """The default toy preset (12 particles, skipping, the realism term): profiling changes no bit, the counted
+    """The default toy preset (8 particles, skipping, the realism term): profiling changes no bit, the counted
     evaluations are the plain run's, and more than one particle's worth of prior calls entered the profile (the
     draw runs K rows); measure_run gives it no floor and no ratio, only its counts."""
     refs, _ = references(1, seed=3)
