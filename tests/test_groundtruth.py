@@ -264,8 +264,8 @@ def test_run_invariance_bench_tiny_is_reproducible(tmp_path):
 
 @pytest.fixture(scope="module")
 def full_bench(tmp_path_factory):
-    """The default setting's whole benchmark, every method (run it with ``-m slow``: 1:03:21 under pytest's one torch
-    thread on 2026-12-03, both slow tests passing)."""
+    """The default setting's whole benchmark, every method (run it with ``-m slow``: 1:10:02 under pytest's one torch
+    thread on 2026-12-04, both slow tests passing)."""
     for model in ("prior-fm", "shape-resnet", "color-vit", "simclr-resnet", "clip"):
         if model not in M.available():
             pytest.skip(f"toy/{model} is not shipped")
