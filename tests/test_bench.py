@@ -8,7 +8,7 @@ import fiberbench as fb
 from fiberbench.bench import format_table
 from fiberbench.bench.perf import UNITS, call_counts, expected_evals, floor_seconds, measure_run
 from fiberbench.errors import ConfigError
-from fiberbench.sampling import resolve_settings
+from fiberbench.sampling import PresetStepsWarning, resolve_settings
 from fiberbench.sampling.problem import STAGES
 from fiberbench.toy import references
 
@@ -125,6 +125,23 @@ def test_call_counts_of_the_toy_and_imagenet_presets(prior_fm):
     assert recur["prior_forward"] == 20 + 10 * 2 and recur["prior_forward_backward"] == (15 + 10 * 2) * 4
     units = {u: 10.0 ** k for k, u in enumerate(UNITS)}  # 1, 10, 100, ...: each term shows in its own digit
     assert floor_seconds(ndtm, units, batch=8) == (20 * 1 + 60 * 10 + 60 * 100) / 8
+
+
+def test_time_target_counts_its_reference_call_per_row(prior_fm, shape_resnet):
+    """h_t is one call on the references' rows per guided step: with 4 samples of one reference in a batch it costs
+    each sample a quarter of a call, in batches of one sample a whole one; the images do not depend on it."""
+    refs, _ = references(1, seed=3)
+    counts = _counts(prior_fm, "ndtm", "fiber-imagenet", 6)
+    assert counts["reference_prior_forward"] == counts["guided_steps"] > 0
+    out = {}
+    for bs, share in ((4, 0.25), (1, 1.0)):
+        with pytest.warns(PresetStepsWarning):
+            res = fb.sample_fiber(prior_fm, shape_resnet, refs, n=4, method="ndtm", preset="fiber-imagenet", steps=6,
+                                  batch_size=bs, progress=False)
+        assert expected_evals(counts, share) == {"denoiser": res.config["denoiser_evals_per_sample"],
+                                                 "extractor": res.config["extractor_evals_per_sample"]}
+        out[bs] = res.latents
+    assert torch.allclose(out[4], out[1], atol=1e-4)
 
 
 RUNS = [("ndtm", "toy-fast", 4, {}), ("ndtm", "fiber-imagenet", 6, {}), ("ndtm", "toy-fast", 4, {"recurrence": 2}),

@@ -51,11 +51,12 @@ PERF_PRIOR, PERF_EXTRACTOR = "toy/prior-fm", "toy/shape-resnet@logits"
 # (label, preset, steps): the toy preset at its own 20 steps; its single-particle, fixed-schedule variant toy-fast
 # (NDTM only: the other methods ignore particles), which has an arithmetic floor; the fiber paper's ImageNet
 # settings (gamma schedule, lr, 5 inner steps, time-dependent target, eta 1) at 50 of its 200 steps, which a CPU
-# affords
-PRESET_RUNS = (("toy", "toy", None), ("toy-fast", "toy-fast", None), ("fiber-imagenet@50steps", "fiber-imagenet", 50))
+# affords, and the same with the inner loop in 2 steps (imagenet-fast)
+PRESET_RUNS = (("toy", "toy", None), ("toy-fast", "toy-fast", None), ("fiber-imagenet@50steps", "fiber-imagenet", 50),
+               ("imagenet-fast@50steps", "imagenet-fast", 50))
 QUICK_PRESET_RUNS = (("toy@10steps", "toy", 10), ("toy-fast@10steps", "toy-fast", 10),
-                     ("fiber-imagenet@10steps", "fiber-imagenet", 10))
-NDTM_ONLY = ("toy-fast",)
+                     ("fiber-imagenet@10steps", "fiber-imagenet", 10), ("imagenet-fast@10steps", "imagenet-fast", 10))
+NDTM_ONLY = ("toy-fast", "imagenet-fast")  # DPS and unguided ignore what these change: their rows would repeat
 METHODS = ("ndtm", "dps", "unguided", "metamer")
 # unit operations of the floor; the reference_* ones run on the references' batch (target="time": h_t per step)
 UNITS = ("prior_forward", "prior_forward_backward", "features_forward_backward", "extractor_forward_backward",
@@ -169,7 +170,7 @@ def run_row(config: dict[str, Any], counts: dict[str, int] | None, units: dict[s
                       "guided_steps": counts.get("guided_steps") if counts else None},
             "denoiser_evals_per_sample": config["denoiser_evals_per_sample"],
             "extractor_evals_per_sample": config["extractor_evals_per_sample"],
-            "expected_evals": expected_evals(counts) if counts is not None else None}
+            "expected_evals": expected_evals(counts, 1 / batch) if counts is not None else None}
 
 
 def call_counts(method: str, hp: dict[str, Any], taus: list[float], steps: int) -> dict[str, int] | None:
@@ -226,11 +227,16 @@ def adaptive(hp: dict[str, Any]) -> bool:
             or bool(hp.get("early_draw_tol")) or bool(hp.get("exit_tol")))
 
 
-def expected_evals(counts: dict[str, int]) -> dict[str, int]:
-    """Denoiser and extractor evaluations per sample that ``counts`` (:func:`call_counts`) imply."""
-    return {"denoiser": counts["prior_forward"] + counts["prior_forward_backward"] + counts["reference_prior_forward"],
+def expected_evals(counts: dict[str, int], share: float = 1.0) -> dict[str, float]:
+    """Denoiser and extractor evaluations per sample that ``counts`` (:func:`call_counts`) imply.
+
+    ``share``: references per sample in a batch (a call on the references' rows counts that fraction of a call
+    on the samples': ``1 / n`` when a batch holds ``n`` samples of each of its references).
+    """
+    return {"denoiser": counts["prior_forward"] + counts["prior_forward_backward"]
+            + counts["reference_prior_forward"] * share,
             "extractor": counts["features_forward_backward"] + counts["extractor_forward_backward"]
-            + counts["reference_features_forward"]}
+            + counts["reference_features_forward"] * share}
 
 
 def floor_seconds(counts: dict[str, int], units: dict[str, float], batch: int) -> float:

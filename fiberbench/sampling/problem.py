@@ -382,15 +382,21 @@ class FiberProblem:
                                     self.extractor)
 
     def target_at(self, t, mode: str) -> torch.Tensor:
-        """The fiber target at model time ``t``: fixed f(x_ref), or h_t = f(x0_hat(x_ref noised to t))."""
+        """The fiber target at model time ``t``: fixed f(x_ref), or h_t = f(x0_hat(x_ref noised to t)) (one prior and
+        one extractor call on the R references, counted as R/M of a call on the M samples)."""
         if mode == "fixed" or self.ref_latent is None:
             return self.target
         if mode != "time":
             raise ConfigError(f"unknown target mode {mode!r}; use 'fixed' or 'time'")
+        calls = dict(self.calls)
         with torch.no_grad():  # once per reference, not once per sample: samples of a fiber share h_t
             x_t = self.prior.add_noise(self.ref_latent, t, self.ref_noise)
             x0, _ = self.denoise(x_t, t)
-            return self.features(x0)[self.ref_rows]
+            h = self.features(x0)[self.ref_rows]
+        share = self.ref_latent.shape[0] / self.target.shape[0]  # a call on R reference rows is R/M of a call on M
+        for k in self.calls:
+            self.calls[k] = calls[k] + (self.calls[k] - calls[k]) * share
+        return h
 
     def loss(self, x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample fiber loss ``[M]`` of prior-space x0."""
