@@ -28,9 +28,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                              gamma=[(0, 0, 1000, 500), (5, 5, 500, 0)], eta=1.0, target="fixed", adam_eps=1e-8),
     # ours: the fiber paper's ImageNet settings with its inner loop of 5 Adam steps at lr 2e-3 done in 2 at 5e-3.
     # A fresh Adam's steps are about lr * sign(g) while the gradient keeps its sign, so both move the control about
-    # 0.01 per guided step. Side by side on the toy priors at 50 steps: the same validity, feature match within 0.05
+    # 0.01 per guided step. Side by side on the toy priors at 50 and 200 steps: validity and feature match within 0.05
     # and mean fiber loss within 5 %, at 0.5x the network evaluations (docs/performance.md); 2 steps at the paper's
-    # lr, or 1 step, end further from the fiber. Measured on toy priors only: the hub priors recommend fiber-imagenet
+    # lr end further from the fiber, and so does 1 step at 1e-2 on the DDPM prior. Measured on toy priors only: the
+    # hub priors recommend fiber-imagenet
     "imagenet-fast": dict(steps=200, inner_steps=2, lr=5e-3, w_ctrl=0.0, w_score=0.0, w_term=1.0, loss="l2",
                           gamma=[(0, 0, 1000, 800), (3, 3, 800, 600), (1, 0.5, 600, 200), (2, 10, 200, 0)],
                           eta=1.0, target="time", adam_eps=1e-8),
