@@ -249,7 +249,7 @@ class FiberProblem:
     ref_noise: torch.Tensor | None = None  # [R,C,H,W] fixed noise per reference used for h_t
     ref_rows: torch.Tensor | None = None  # [M] which of the R references each sample belongs to
     autocast: torch.dtype | None = None
-    calls: dict[str, int] = field(default_factory=lambda: {"denoiser": 0, "extractor": 0})
+    calls: dict[str, float] = field(default_factory=lambda: {"denoiser": 0, "extractor": 0})
     faults: torch.Tensor | None = None  # [M] count of non-finite events per sample
     history: list[torch.Tensor] = field(default_factory=list)  # per step: [M] fiber loss (NaN where not computed)
     trajectory: list[torch.Tensor] | None = None
@@ -358,9 +358,14 @@ class FiberProblem:
         dev = self.target.device.type
         return torch.autocast(dev, dtype=self.autocast, enabled=self.autocast is not None)
 
+    def count(self, network: str, x: torch.Tensor) -> None:
+        """Book one call of ``network`` on the ``P`` rows of ``x`` as ``P / M`` evaluations per sample of this
+        problem's ``M`` (the references' rows of h_t, or the few rows a fault redoes, cost that fraction)."""
+        self.calls[network] += x.shape[0] / self.target.shape[0]
+
     def denoise(self, x_t: torch.Tensor, t, clamp: bool | float = True) -> tuple[torch.Tensor, torch.Tensor]:
         """One counted prior call under the run's autocast: ``(x0_hat, eps_hat)`` in float32."""
-        self.calls["denoiser"] += 1
+        self.count("denoiser", x_t)
         if self.timer is not None:
             self.timer.forward("prior_forward", x_t, then="optimiser")
         with self.amp():
@@ -373,7 +378,7 @@ class FiberProblem:
     def features(self, x0: torch.Tensor) -> torch.Tensor:
         """Extractor features ``[M,D]`` of prior-space x0 (decoded to [0,1] images first); see
         :func:`checked_features`."""
-        self.calls["extractor"] += 1
+        self.count("extractor", x0)
         with self.amp():
             if self.timer is None:
                 return checked_features(self.extractor(self.prior.decode(x0)), x0, self.extractor)
@@ -388,15 +393,10 @@ class FiberProblem:
             return self.target
         if mode != "time":
             raise ConfigError(f"unknown target mode {mode!r}; use 'fixed' or 'time'")
-        calls = dict(self.calls)
         with torch.no_grad():  # once per reference, not once per sample: samples of a fiber share h_t
             x_t = self.prior.add_noise(self.ref_latent, t, self.ref_noise)
             x0, _ = self.denoise(x_t, t)
-            h = self.features(x0)[self.ref_rows]
-        share = self.ref_latent.shape[0] / self.target.shape[0]  # a call on R reference rows is R/M of a call on M
-        for k in self.calls:
-            self.calls[k] = calls[k] + (self.calls[k] - calls[k]) * share
-        return h
+            return self.features(x0)[self.ref_rows]
 
     def loss(self, x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample fiber loss ``[M]`` of prior-space x0."""
